@@ -1,0 +1,1 @@
+"""Data: JSONL records, COCO conversion, synthetic scenes, CoordJSON rendering and collation."""

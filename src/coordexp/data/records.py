@@ -1,0 +1,127 @@
+"""The JSONL record schema (one image per line, pixel boxes), its reader, writer and validation.
+
+A record line: {"images": ["rel/path.png"], "width": W, "height": H,
+                "objects": [{"desc": str, "bbox_2d": [x1, y1, x2, y2]}, ...]}
+Boxes are pixels of that image; "<|coord_k|>" strings are accepted and converted to pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordexp.codec import CoordCodec
+from coordexp.errors import UserError
+
+REQUIRED_KEYS = ("images", "width", "height", "objects")
+
+
+@dataclass(frozen=True)
+class DetObject:
+    desc: str
+    box_px: tuple[float, float, float, float]  # xyxy, pixels
+
+
+@dataclass(frozen=True)
+class Record:
+    image: str  # path as written in the file (relative to the JSONL's folder)
+    width: int
+    height: int
+    objects: tuple[DetObject, ...]
+    root: Path = Path(".")  # folder of the JSONL file
+    extra: dict = field(default_factory=dict, compare=False)  # other keys, kept on write
+
+    @property
+    def image_path(self) -> Path:
+        return self.root / self.image
+
+    def to_json(self) -> dict:
+        objs = [{"desc": o.desc, "bbox_2d": [_num(v) for v in o.box_px]} for o in self.objects]
+        return {"images": [self.image], "width": self.width, "height": self.height,
+                "objects": objs, **self.extra}
+
+
+def _num(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else round(float(v), 3)
+
+
+def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Record:
+    """Validate one decoded JSON value; `where` ("file:line") prefixes every error."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: a record must be a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
+    images, w, h = obj["images"], obj["width"], obj["height"]
+    if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str)):
+        raise UserError(f"{where}: 'images' must be a list with exactly one path")
+    for key, v in (("width", w), ("height", h)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise UserError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+    if not isinstance(obj["objects"], list):
+        raise UserError(f"{where}: 'objects' must be a list")
+    objects = tuple(_parse_object(o, f"{where}: object {i}", w, h, codec)
+                    for i, o in enumerate(obj["objects"]))
+    extra = {k: v for k, v in obj.items() if k not in REQUIRED_KEYS}
+    return Record(images[0], w, h, objects, root, extra)
+
+
+def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> DetObject:
+    if not isinstance(o, dict) or "desc" not in o or "bbox_2d" not in o:
+        raise UserError(f"{where}: needs 'desc' and 'bbox_2d'")
+    desc = o["desc"]
+    if not isinstance(desc, str) or not desc.strip():
+        raise UserError(f"{where}: 'desc' must be a non-empty string")
+    if any(c in desc for c in "\n\r\t"):
+        raise UserError(f"{where}: 'desc' {desc!r} contains a newline or tab")
+    box = o["bbox_2d"]
+    if not isinstance(box, list) or len(box) != 4:
+        raise UserError(f"{where}: 'bbox_2d' must be [x1, y1, x2, y2]")
+    if all(isinstance(v, str) for v in box):
+        bins = [codec.parse_token(v) for v in box]
+        if None in bins:
+            raise UserError(f"{where}: 'bbox_2d' {box} has an invalid coord token")
+        box = codec.box_bins_to_px(bins, w, h)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box):
+        raise UserError(f"{where}: 'bbox_2d' {box} must hold 4 numbers or 4 coord tokens")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise UserError(
+            f"{where}: box {box} is outside the {w}x{h} image or has x2<=x1 / y2<=y1"
+        )
+    return DetObject(desc, (x1, y1, x2, y2))
+
+
+def read_records(path: str | Path, *, check_images: bool = True,
+                 codec: CoordCodec | None = None) -> list[Record]:
+    """Read and validate a JSONL file; any problem raises UserError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    codec = codec or CoordCodec()
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rec = parse_record(obj, where, path.parent, codec)
+            if check_images and not rec.image_path.is_file():
+                raise UserError(f"{where}: image file {rec.image_path} not found")
+            records.append(rec)
+    return records
+
+
+def write_records(path: str | Path, records: list[Record]) -> None:
+    """Write records as JSONL (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    tmp.replace(path)
