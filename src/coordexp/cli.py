@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coordexp.data.synthetic import COLOURS, SHAPES
 from coordexp.errors import UserError
+from coordexp.model.tiny import FAMILIES
 
 
 def _positive_int(text: str) -> int:
@@ -18,16 +20,119 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+DESCRIPTION = ("Teach vision-language models to detect objects by writing coordinate tokens. "
+               "Start with `coordexp demo`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="coordexp", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="coordexp", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="make or convert datasets")
+    d = data.add_subparsers(dest="data_cmd", required=True)
+    s = d.add_parser("synth", help="seeded synthetic shapes dataset (train/val JSONL + PNGs)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--train", type=_positive_int, required=True, help="number of train images")
+    s.add_argument("--val", type=_positive_int, required=True, help="number of val images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=224, help="square image side in pixels")
+    s.add_argument("--min-objects", type=int, default=1)
+    s.add_argument("--max-objects", type=int, default=12)
+    s.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape kinds")
+    s.add_argument("--colours", default=",".join(COLOURS), help="comma-separated colours")
+    s.add_argument("--crowded-share", type=float, default=0.15,
+                   help="fraction of images with a crowded row of small same-class objects")
+    s.set_defaults(run=_cmd_synth)
+
+    c = d.add_parser("coco", help="COCO instances JSON -> records JSONL")
+    c.add_argument("--instances", required=True, help="COCO instances_*.json")
+    c.add_argument("--images", required=True, help="folder the file_name entries are relative to")
+    c.add_argument("--out", required=True, help="output records JSONL")
+    c.add_argument("--max-objects", type=_positive_int, default=60,
+                   help="drop (and count) images with more objects than this")
+    c.add_argument("--keep-crowd", action="store_true", help="keep iscrowd annotations")
+    c.set_defaults(run=_cmd_coco)
+
+    model = sub.add_parser("model", help="build or prepare models")
+    m = model.add_subparsers(dest="model_cmd", required=True)
+    t = m.add_parser("init-tiny", help="a tiny random VLM + offline tokenizer with coord tokens")
+    t.add_argument("--out", required=True)
+    t.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(run=_cmd_init_tiny)
+    a = m.add_parser("add-coord-tokens", help="add the 1000 coord tokens to an HF VLM checkpoint")
+    a.add_argument("--src", required=True)
+    a.add_argument("--dst", required=True)
+    a.set_defaults(run=_cmd_add_coord_tokens)
 
     e = sub.add_parser("eval", help="score predictions against ground truth (COCO AP + F1)")
     e.add_argument("--gt", required=True, help="ground-truth records JSONL")
-    e.add_argument("--pred", required=True, help="predictions JSONL (objects with score, or raw_text)")
-    e.add_argument("--out", required=True, help="output folder for metrics.json and per-class files")
+    e.add_argument("--pred", required=True,
+                   help="predictions JSONL (objects with score, or raw_text)")
+    e.add_argument("--out", required=True,
+                   help="output folder for metrics.json and per-class files")
     e.set_defaults(run=_cmd_eval)
     return p
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from coordexp.data.synthetic import SynthSpec, synthesize
+
+    spec = SynthSpec(image_size=args.image_size, min_objects=args.min_objects,
+                     max_objects=args.max_objects, shapes=tuple(args.shapes.split(",")),
+                     colours=tuple(args.colours.split(",")), crowded_share=args.crowded_share)
+    counts = synthesize(args.out, args.train, args.val, args.seed, spec)
+    print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
+    return 0
+
+
+def _cmd_coco(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from coordexp.data.coco import coco_to_records, load_json
+    from coordexp.data.records import write_records
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records, skipped = coco_to_records(load_json(args.instances), Path(args.images), out.parent,
+                                       max_objects=args.max_objects, keep_crowd=args.keep_crowd,
+                                       source=args.instances)
+    write_records(out, records)
+    notes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(skipped.items()))
+    print(f"wrote {len(records)} records to {out}" + (f"; skipped {notes}" if notes else ""))
+    return 0
+
+
+def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from coordexp.model.qwen_vl import build_processor, save_vlm
+    from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, TinySpec(family=args.family), seed=args.seed)
+    save_vlm(model, build_processor(args.family, tok), args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a tiny {args.family} ({n / 1e6:.2f}M parameters, vocab {len(tok)}) to {args.out}")
+    return 0
+
+
+def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
+    from coordexp.model.qwen_vl import load_vlm, save_vlm
+    from coordexp.model.tokenizer import add_coord_tokens, resize_for_tokenizer
+
+    model, processor, family = load_vlm(args.src)
+    before = len(processor.tokenizer)
+    add_coord_tokens(processor.tokenizer)
+    resize_for_tokenizer(model, processor.tokenizer)
+    save_vlm(model, processor, args.dst)
+    print(f"{family}: vocabulary {before} -> {len(processor.tokenizer)}; saved to {args.dst}")
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ class CoordCodec:
             out.append((a, b))
         return [out[0][0], out[1][0], out[0][1], out[1][1]]
 
-    def box_bins_to_px(self, box_bins: Sequence[int | float], width: int, height: int) -> list[float]:
+    def box_bins_to_px(self, box_bins: Sequence[float], width: int, height: int) -> list[float]:
         x1, y1, x2, y2 = box_bins
         return [self.bin_to_px(x1, width), self.bin_to_px(y1, height),
                 self.bin_to_px(x2, width), self.bin_to_px(y2, height)]

@@ -1,0 +1,122 @@
+"""Records -> model batch: chat prompt + image, the answer's tokens, labels masked to the answer,
+every coordinate slot with its target bin, and token-type masks (struct / desc / coord).
+
+Prompt and answer are tokenized separately and concatenated, so training sees exactly the token
+ids the model produces when it generates after the prompt. Batches are right-padded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from coordexp.codec import CoordCodec
+from coordexp.data.records import Record
+from coordexp.data.render import build_messages, render_record
+from coordexp.errors import UserError
+
+IGNORE = -100
+STRUCT, DESC, COORD = 1, 2, 3  # token types; 0 = not supervised (prompt, padding)
+DESC_VALUE_RE = re.compile(r'"desc": "((?:[^"\\]|\\.)*)"')
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # what the model's forward takes
+    labels: torch.Tensor  # [B, T] token ids inside the answer (+ end of turn), IGNORE elsewhere
+    token_type: torch.Tensor  # [B, T] 0 / STRUCT / DESC / COORD
+    coord_b: torch.Tensor  # [N] batch index of each coord slot
+    coord_t: torch.Tensor  # [N] position of each coord slot (its logits are at t - 1)
+    coord_bins: torch.Tensor  # [N] target bin of each slot
+    prompt_lens: torch.Tensor  # [B]
+    sample_ids: list[str] = field(default_factory=list)
+
+    def to(self, device) -> Batch:
+        move = lambda t: t.to(device)
+        return Batch({k: move(v) for k, v in self.inputs.items()}, move(self.labels),
+                     move(self.token_type), move(self.coord_b), move(self.coord_t),
+                     move(self.coord_bins), move(self.prompt_lens), self.sample_ids)
+
+
+def load_image(record: Record) -> Image.Image:
+    try:
+        with Image.open(record.image_path) as im:
+            image = im.convert("RGB")
+    except OSError as e:
+        raise UserError(f"{record.image_path}: cannot read image ({e})") from None
+    if image.size != (record.width, record.height):
+        raise UserError(f"{record.image_path}: image is {image.size[0]}x{image.size[1]} but the "
+                        f"record says {record.width}x{record.height}")
+    return image
+
+
+class Collator:
+    """Turns records (or (record, answer-text) pairs) into a Batch for one processor."""
+
+    def __init__(self, processor, codec: CoordCodec | None = None,
+                 field_order: str = "desc_first"):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.codec = codec or CoordCodec()
+        self.field_order = field_order
+        coord_ids = self.codec.token_ids(self.tokenizer)
+        self.id_to_bin = torch.full((max(len(self.tokenizer), max(coord_ids) + 1),), -1)
+        self.id_to_bin[torch.tensor(coord_ids)] = torch.arange(len(coord_ids))
+        self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def prompt_text(self) -> str:
+        return self.processor.apply_chat_template(build_messages(), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def answer_tokens(self, answer: str) -> tuple[list[int], list[int]]:
+        """Token ids of answer + end of turn, and the type of each."""
+        enc = self.tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+        desc_spans = [m.span(1) for m in DESC_VALUE_RE.finditer(answer)]
+        types = []
+        for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            if self.id_to_bin[tid] >= 0:
+                types.append(COORD)
+            elif any(s < de and e > ds for ds, de in desc_spans):
+                types.append(DESC)
+            else:
+                types.append(STRUCT)
+        return enc["input_ids"] + [self.end_id], types + [STRUCT]
+
+    def __call__(self, records: list[Record], answers: list[str] | None = None) -> Batch:
+        if answers is None:
+            answers = [render_record(r, self.codec, self.field_order) for r in records]
+        prompt = self.prompt_text()
+        rows, types, vision, prompt_lens = [], [], [], []
+        for rec, answer in zip(records, answers, strict=True):
+            enc = self.processor(text=[prompt], images=[load_image(rec)], return_tensors="pt")
+            ids, tt = self.answer_tokens(answer)
+            p = enc["input_ids"].shape[1]
+            rows.append(enc["input_ids"][0].tolist() + ids)
+            types.append([0] * p + tt)
+            vision.append(enc)
+            prompt_lens.append(p)
+        return self._pad(records, rows, types, vision, prompt_lens)
+
+    def _pad(self, records, rows, types, vision, prompt_lens) -> Batch:
+        B, T = len(rows), max(len(r) for r in rows)
+        input_ids = torch.full((B, T), self.pad_id)
+        token_type = torch.zeros((B, T), dtype=torch.long)
+        mm = torch.zeros((B, T), dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        for b, (row, tt, enc) in enumerate(zip(rows, types, vision, strict=True)):
+            input_ids[b, : len(row)] = torch.tensor(row)
+            token_type[b, : len(row)] = torch.tensor(tt)
+            attn[b, : len(row)] = 1
+            mm[b, : enc["mm_token_type_ids"].shape[1]] = enc["mm_token_type_ids"][0]
+        labels = torch.where(token_type > 0, input_ids, IGNORE)
+        coord_b, coord_t = (token_type == COORD).nonzero(as_tuple=True)
+        inputs = {"input_ids": input_ids, "attention_mask": attn, "mm_token_type_ids": mm,
+                  "pixel_values": torch.cat([v["pixel_values"] for v in vision]),
+                  "image_grid_thw": torch.cat([v["image_grid_thw"] for v in vision])}
+        return Batch(inputs, labels, token_type, coord_b, coord_t,
+                     self.id_to_bin[input_ids[coord_b, coord_t]], torch.tensor(prompt_lens),
+                     [r.image for r in records])

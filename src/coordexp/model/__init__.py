@@ -1,0 +1,2 @@
+"""Models: coord-token vocabularies, tiny offline VLMs, loading, and
+what trainers need from a VLM."""

@@ -1,0 +1,71 @@
+"""Qwen-VL processors without torchvision, and loading/saving a VLM + processor directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers as T
+
+from coordexp.errors import UserError
+
+PROCESSORS = {"qwen2_5_vl": T.Qwen2_5_VLProcessor, "qwen2_vl": T.Qwen2VLProcessor,
+              "qwen3_vl": T.Qwen3VLProcessor}
+
+
+def _image_only(base: type) -> type:
+    """A processor subclass without a video processor (the stock ones need torchvision)."""
+
+    class ImageOnly(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+            base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = "ImageOnly" + base.__name__
+    return ImageOnly
+
+
+IMAGE_ONLY = {family: _image_only(cls) for family, cls in PROCESSORS.items()}
+
+
+def build_image_processor(family: str, min_pixels: int = 32 * 32, max_pixels: int = 448 * 448):
+    patch = 16 if family == "qwen3_vl" else 14
+    stats = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    return T.Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **stats)
+
+
+def build_processor(family: str, tokenizer, image_processor=None):
+    image_processor = image_processor or build_image_processor(family)
+    return IMAGE_ONLY[family](image_processor=image_processor, tokenizer=tokenizer,
+                              chat_template=tokenizer.chat_template)
+
+
+def model_family(model_dir: str | Path) -> str:
+    config = T.AutoConfig.from_pretrained(model_dir)
+    if config.model_type not in PROCESSORS:
+        raise UserError(f"{model_dir}: model type {config.model_type!r} is not supported "
+                        f"(supported: {', '.join(PROCESSORS)})")
+    return config.model_type
+
+
+def load_vlm(model_dir: str | Path, dtype=None):
+    """(model, processor, family) from a saved HF directory; fails clearly if it is incomplete."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model directory (no config.json)")
+    family = model_family(model_dir)
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    processor = build_processor(family, tokenizer, image_processor)
+    try:
+        model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError) as e:  # truncated / missing safetensors
+        raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
+    return model, processor, family
+
+
+def save_vlm(model, processor, out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
