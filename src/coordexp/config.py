@@ -1,0 +1,295 @@
+"""Every config section as a frozen dataclass, and the one strict loader.
+
+YAML files may `extends:` others (paths relative to the file; later wins, deep merge);
+`key.sub=value` overrides come from the command line. Unknown keys, wrong types and
+impossible combinations raise UserError naming the dotted key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from coordexp.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # an HF model directory with the coord tokens (see `coordexp model ...`)
+    init_tiny: str = ""  # or build a tiny random model of this family into the run directory
+    coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
+    max_pixels: int = 448 * 448
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    val: str = ""
+    field_order: str = "desc_first"
+    val_limit: int = 0  # 0 = every val record
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    stage: str = "stage1"  # stage1 | stage2_ab
+    output_dir: str = "runs"
+    run_name: str = "run"
+    seed: int = 17
+    max_steps: int = 100  # optimizer steps
+    max_minutes: float = 0.0  # stop (and evaluate) after this much training time; 0 = off
+    effective_batch_size: int = 8  # samples per optimizer step, over all ranks
+    per_device_batch_size: int = 8
+    learning_rate: float = 1e-3
+    vit_lr: float = 1e-3
+    aligner_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    logging_steps: int = 1
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int = 2
+    metric_for_best: str = "rollout/mAP"
+    eval_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class CoordSoftCEW1Config:
+    enabled: bool = True
+    ce_weight: float = 0.0  # hard CE over the bins (Stage 1)
+    soft_ce_weight: float = 1.0
+    w1_weight: float = 1.0
+    gate_weight: float = 1.0  # Stage 1; Stage 2 reads stage2_ab.coord_gate_weight
+    temperature: float = 1.0
+    target_sigma: float = 2.0  # in bins
+    target_truncate: int | None = None
+    bbox_smoothl1_weight: float = 0.0  # Stage-1 geometry on the expectation decode
+    bbox_ciou_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    b_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChannelBConfig:
+    drop_invalid_struct_ce_multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class Stage2ABConfig:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    n_softctx_iter: int = 2
+    softctx_grad_mode: str = "unroll"  # unroll | em_detach
+    softctx_temperature: float = 1.0
+    coord_ctx_embed_mode: str = "st"  # st | soft | hard
+    coord_decode_mode: str = "exp"  # exp | st
+    channel_a_impl: str = "fast"  # fast | reference (full recompute, for tests and benchmarks)
+    desc_ce_weight: float = 1.0
+    fmt_struct_ce_weight: float = 0.1
+    bbox_smoothl1_weight: float = 1.0
+    bbox_ciou_weight: float = 1.0
+    coord_ce_weight: float = 0.0
+    coord_gate_weight: float = 0.0
+    text_gate_weight: float = 0.0
+    channel_b: ChannelBConfig = field(default_factory=ChannelBConfig)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    constrained: bool = False  # CoordJSON grammar: coord slots emit only coord tokens
+    candidate_top_k: int = 10
+    iou_gate: float = 0.3
+    fp_cost: float = 1.0
+    fn_cost: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    score: str = "coord_prob"  # coord_prob | fused | constant
+    semantic_desc: bool = False  # map unknown descs by a sentence encoder (optional extra)
+
+
+@dataclass(frozen=True)
+class MonitorDumpConfig:
+    enabled: bool = True
+    max_samples: int = 6
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    coord_soft_ce_w1: CoordSoftCEW1Config = field(default_factory=CoordSoftCEW1Config)
+    stage2_ab: Stage2ABConfig = field(default_factory=Stage2ABConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor_dump: MonitorDumpConfig = field(default_factory=MonitorDumpConfig)
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so one step sees exactly effective_batch_size samples."""
+        t = self.training
+        return t.effective_batch_size // (t.per_device_batch_size * world_size)
+
+
+CHOICES = {
+    "training.stage": ("stage1", "stage2_ab"),
+    "training.mixed_precision": ("no", "bf16", "fp16"),
+    "data.field_order": ("desc_first", "geometry_first"),
+    "model.coord_embed_init": ("mean", "ordinal"),
+    "stage2_ab.softctx_grad_mode": ("unroll", "em_detach"),
+    "stage2_ab.coord_ctx_embed_mode": ("st", "soft", "hard"),
+    "stage2_ab.coord_decode_mode": ("exp", "st"),
+    "stage2_ab.channel_a_impl": ("fast", "reference"),
+    "eval.score": ("coord_prob", "fused", "constant"),
+}
+
+
+# -- building dataclasses from dicts ---------------------------------------------------------
+def _coerce(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise UserError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+        if dotted in CHOICES and kwargs[key] not in CHOICES[dotted]:
+            raise UserError(f"config key '{dotted}' must be one of {CHOICES[dotted]}, "
+                            f"got {kwargs[key]!r}")
+    return cls(**kwargs)
+
+
+# -- files and overrides ---------------------------------------------------------------------
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: `extends` cycle through {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping at the top level")
+    bases = data.pop("extends", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, read_yaml(path.parent / base, (*seen, path)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """'training.learning_rate=3e-4' -> {"training": {"learning_rate": 0.0003}}."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                base: dict | None = None) -> Config:
+    data = dict(base or {})
+    if path is not None:
+        data = _merge(data, read_yaml(Path(path)))
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    cfg = _build(Config, data)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks; each message names the key and the fix."""
+    t, s = cfg.training, cfg.stage2_ab
+    if bool(cfg.model.path) == bool(cfg.model.init_tiny):
+        raise UserError("set exactly one of 'model.path' (a model directory) or "
+                        "'model.init_tiny' (qwen2_5_vl | qwen3_vl)")
+    if not cfg.data.train:
+        raise UserError("config key 'data.train' is required: a records JSONL file")
+    if t.per_device_batch_size < 1 or t.effective_batch_size % (t.per_device_batch_size *
+                                                                world_size):
+        raise UserError(f"'training.effective_batch_size' ({t.effective_batch_size}) must be a "
+                        f"multiple of per_device_batch_size x processes "
+                        f"({t.per_device_batch_size} x {world_size})")
+    positive = {"training.max_steps": t.max_steps, "training.eval_steps": t.eval_steps,
+                "training.save_steps": t.save_steps, "training.logging_steps": t.logging_steps,
+                "stage2_ab.n_softctx_iter": s.n_softctx_iter,
+                "rollout.max_new_tokens": cfg.rollout.max_new_tokens}
+    for key, v in positive.items():
+        if v < 1:
+            raise UserError(f"'{key}' must be >= 1, got {v}")
+    if not 0.0 <= s.schedule.b_ratio <= 1.0:
+        raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
+    if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:
+        raise UserError("'stage2_ab.channel_b.drop_invalid_struct_ce_multiplier' must be in [1, 4]")
+    c = cfg.coord_soft_ce_w1
+    if c.temperature <= 0 or c.target_sigma <= 0 or s.softctx_temperature <= 0:
+        raise UserError("temperatures and 'coord_soft_ce_w1.target_sigma' must be > 0")
+    if c.target_truncate is not None and c.target_truncate < 0:
+        raise UserError("'coord_soft_ce_w1.target_truncate' must be >= 0 or null")
+    if t.stage == "stage2_ab" and s.schedule.b_ratio > 0 and t.mixed_precision == "fp16":
+        raise UserError("Channel B with fp16 is not supported; use "
+                        "training.mixed_precision=bf16 or no")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
