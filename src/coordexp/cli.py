@@ -72,6 +72,38 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dst", required=True)
     a.set_defaults(run=_cmd_add_coord_tokens)
 
+    i = sub.add_parser("infer", help="rollouts on records -> predictions JSONL with scores")
+    i.add_argument("--model", required=True, help="model directory")
+    i.add_argument("--data", required=True, help="records JSONL (objects are ignored)")
+    i.add_argument("--out", required=True, help="predictions JSONL to write")
+    i.add_argument("--batch-size", type=_positive_int, default=16)
+    i.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    i.add_argument("--constrained", action="store_true",
+                   help="CoordJSON grammar: coord slots emit only coord tokens")
+    i.set_defaults(run=_cmd_infer)
+
+    tr = sub.add_parser("train", help="Stage 1 or Stage 2 AB, as the config says")
+    tr.add_argument("config", help="YAML config (may `extends:` others)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=50")
+    tr.add_argument("--resume", default="", help="checkpoint dir, or 'latest' in the run dir")
+    tr.set_defaults(run=_cmd_train)
+
+    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
+    dm.add_argument("--out", default="demo_run", help="output folder")
+    dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    dm.set_defaults(run=_cmd_demo)
+
+    rp = sub.add_parser("report", help="turn a run directory into report.md / report.html")
+    rp.add_argument("run_dir", nargs="?", help="run directory")
+    rp.add_argument("--out", default="", help="output folder (default: RUN_DIR/report)")
+    rp.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                    help="several run directories side by side")
+    rp.add_argument("--window", type=_positive_int, default=10,
+                    help="train rows around each eval step averaged for the diagnostics table")
+    rp.add_argument("--corr", action="append", default=[], metavar="A~B",
+                    help="extra Pearson correlation between two logged series")
+    rp.set_defaults(run=_cmd_report)
+
     e = sub.add_parser("eval", help="score predictions against ground truth (COCO AP + F1)")
     e.add_argument("--gt", required=True, help="ground-truth records JSONL")
     e.add_argument("--pred", required=True,
@@ -133,6 +165,32 @@ def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
     save_vlm(model, processor, args.dst)
     print(f"{family}: vocabulary {before} -> {len(processor.tokenizer)}; saved to {args.dst}")
     return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from coordexp.rollout import infer_command
+
+    return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, constrained=args.constrained)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from coordexp.train.loop import train_command
+
+    return train_command(args.config, args.overrides, resume=args.resume)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from coordexp.demo import run_demo
+
+    return run_demo(args.out, minutes=args.minutes)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from coordexp.report import report_command
+
+    return report_command(args.run_dir, out=args.out, compare=args.compare, window=args.window,
+                          corr=args.corr)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
