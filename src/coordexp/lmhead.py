@@ -1,0 +1,99 @@
+"""Memory-lean LM-head outputs: only what the CoordExp losses need, never [B, T, V] logits.
+
+The caller gathers hidden states h [N, D] at the rows *before* each target (the causal shift)
+and passes the LM-head weight W [V, D]. From them:
+- `coord_slice_logits`: the K coord columns at those rows, [N, K];
+- `vocab_logsumexp`: logsumexp(h W^T / tau) over the full vocabulary, [N], chunked over V by an
+  autograd Function that saves only h, W and the result and recomputes chunks in backward;
+- `label_logits`: the target column at each row, [N], so token CE = vocab_lse - label_logit;
+- `vocab_logits`: full float32 logits, for the few rows where a caller really needs them.
+Pure torch; no transformers import.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from coordexp.decode import compute_dtype
+
+CHUNK_SIZE = 8192  # vocabulary columns per chunk: [N, CHUNK_SIZE] float32 is the working set
+
+
+def _head_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    return torch.promote_types(compute_dtype(h), weight.dtype)
+
+
+def coord_slice_logits(h: Tensor, weight: Tensor, coord_ids: Tensor) -> Tensor:
+    """Logits of the coord tokens only: h [N, D], W [V, D], coord_ids [K] -> [N, K] float32.
+
+    A gather of K rows of W costs K x D whether or not the ids are contiguous, so it is not
+    special-cased; its backward scatters into W's gradient like any embedding lookup.
+    """
+    dtype = _head_dtype(h, weight)
+    return h.to(dtype) @ weight.index_select(0, coord_ids).to(dtype).T
+
+
+def label_logits(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """Logit of each row's target token: h [N, D], W [V, D], labels [N] -> [N] float32."""
+    dtype = _head_dtype(h, weight)
+    return (h.to(dtype) * weight.index_select(0, labels).to(dtype)).sum(-1)
+
+
+def vocab_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """Full float32 logits at the given rows only (e.g. supervised text rows): [N, D] -> [N, V]."""
+    dtype = _head_dtype(h, weight)
+    return h.to(dtype) @ weight.to(dtype).T
+
+
+class _VocabLogSumExp(torch.autograd.Function):
+    """lse_n = logsumexp_v (h_n . W_v / tau), computed over vocabulary chunks.
+
+    Backward recomputes each chunk's logits z = h W^T: with p = exp(z / tau - lse),
+    d lse_n / d z_nv = p_nv / tau, so grad_h = (g p / tau) W and grad_W = (g p / tau)^T h.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, temperature: float, chunk_size: int) -> Tensor:
+        dtype = _head_dtype(h, weight)
+        h_scaled = h.to(dtype) / temperature  # [N, D]
+        chunk_lse = [
+            (h_scaled @ w.to(dtype).T).logsumexp(-1)  # [N]
+            for w in weight.split(chunk_size)  # [C, D] views, no copy
+        ]
+        lse = torch.stack(chunk_lse, dim=-1).logsumexp(-1)  # [N]
+        ctx.save_for_backward(h, weight, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: Tensor):
+        h, weight, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        h_full = h.to(lse.dtype)  # [N, D]
+        h_scaled = h_full / ctx.temperature
+        row_scale = (grad_lse.to(lse.dtype) / ctx.temperature)[:, None]  # [N, 1]
+        grad_h = torch.zeros_like(h_scaled) if need_h else None  # [N, D]
+        grad_w = torch.empty_like(weight) if need_w else None  # [V, D]
+        start = 0
+        for w in weight.split(ctx.chunk_size):
+            w = w.to(lse.dtype)  # [C, D]
+            g = (h_scaled @ w.T).sub_(lse[:, None]).exp_().mul_(row_scale)  # [N, C]
+            if need_h:
+                grad_h.addmm_(g, w)
+            if need_w:
+                grad_w[start : start + w.shape[0]] = g.T @ h_full
+            start += w.shape[0]
+        grad_h = grad_h.to(h.dtype) if need_h else None
+        return grad_h, grad_w, None, None
+
+
+def vocab_logsumexp(
+    h: Tensor, weight: Tensor, *, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE
+) -> Tensor:
+    """logsumexp over the full vocabulary of h W^T / tau: h [N, D], W [V, D] -> [N] float32.
+
+    Peak extra memory is one [N, chunk_size] block, in forward and backward; gradients flow to
+    both h and W. Used for the coord gate, the text gate and token CE (CE = lse - label logit).
+    """
+    return _VocabLogSumExp.apply(h, weight, temperature, chunk_size)
