@@ -61,32 +61,38 @@ def coord_diag(
     aggregation it is the mean of per-micro-batch p90s, not a global quantile.
     `coord_tokens` is contributed as (N, 1): the finalised value is slots per call.
     """
-    num_slots, num_bins = coord_logits.shape
+    num_slots = coord_logits.shape[0]
     with_vocab = vocab_lse is not None or vocab_logits is not None
-    # every key is always present (as (0, 0) when empty) so ranks can all_reduce one stack
-    stats = {key: _stat(0, 0, coord_logits) for key in SLOT_KEYS + with_vocab * (VOCAB_KEY,)}
+    keys = SLOT_KEYS + ((VOCAB_KEY,) if with_vocab else ())
+    # every key is always present, as (0, 0) when empty, so ranks can all_reduce one stack
+    stats = {key: _stat(0, 0, coord_logits) for key in keys}
     stats["coord_diag/coord_tokens"] = _stat(num_slots, 1, coord_logits)
     if num_slots == 0:
         return stats
-    target_bins = target_bins.long()
+    stats |= _slot_stats(coord_logits, target_bins.long(), temperature)
+    if with_vocab:
+        log_mass = _vocab_log_mass(
+            coord_logits.float(), vocab_lse, vocab_logits, coord_ids, temperature
+        )  # [N]
+        stats[VOCAB_KEY] = _stat(log_mass.exp().sum(), num_slots, coord_logits)
+    return stats
+
+
+def _slot_stats(coord_logits: Tensor, target_bins: Tensor, temperature: float) -> dict:
+    """(sum, count) of the per-slot diagnostics over N > 0 slots: [N, K], [N]."""
+    num_slots, num_bins = coord_logits.shape
     s = coord_logits.float() / temperature  # [N, K]
     probs = coord_probs(coord_logits, temperature)  # [N, K]
     s_gt = s.gather(-1, target_bins[:, None])[:, 0]  # [N]
     top = s.topk(min(TOP_K, num_bins), dim=-1).indices  # [N, 5]
     abs_err = (expected_coord(coord_logits, temperature) * (num_bins - 1) - target_bins).abs()
-    stats |= {
+    return {
         "coord_diag/p_gt_mean": _stat(probs.gather(-1, target_bins[:, None]).sum(), num_slots, s),
         "coord_diag/acc_top5": _stat((top == target_bins[:, None]).any(-1).sum(), num_slots, s),
         "coord_diag/margin_mean": _stat((s.max(-1).values - s_gt).sum(), num_slots, s),
         "coord_diag/expected_bin_mae": _stat(abs_err.sum(), num_slots, s),
         "coord_diag/expected_bin_abs_err_p90": _stat(torch.quantile(abs_err, P90), 1, s),
     }
-    if with_vocab:
-        log_mass = _vocab_log_mass(
-            coord_logits.float(), vocab_lse, vocab_logits, coord_ids, temperature
-        )  # [N]
-        stats[VOCAB_KEY] = _stat(log_mass.exp().sum(), num_slots, s)
-    return stats
 
 
 def finalize_stats(stats: dict[str, Tensor]) -> dict[str, float]:

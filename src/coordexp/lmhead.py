@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from coordexp.decode import compute_dtype
 
@@ -67,6 +68,7 @@ class _VocabLogSumExp(torch.autograd.Function):
         return lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_lse: Tensor):
         h, weight, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
