@@ -1,0 +1,140 @@
+"""The run directory: metadata, resolved config, logging.jsonl + TensorBoard, monitor dumps,
+and checkpoints (safetensors weights, atomic saves, exact resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from coordexp.config import Config, config_to_dict
+from coordexp.errors import UserError
+
+PACKAGES = ("coordexp", "torch", "transformers", "accelerate", "faster-coco-eval", "tokenizers")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def write_metadata(run_dir: Path, cfg: Config, world_size: int) -> None:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    meta = {"created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git": {"sha": _git("rev-parse", "HEAD"), "branch": _git("rev-parse", "--abbrev-ref",
+                                                                     "HEAD"),
+                    "dirty": bool(_git("status", "--porcelain"))},
+            "seed": cfg.training.seed, "trainer_variant": cfg.training.stage,
+            "world_size": world_size, "python": platform.python_version(),
+            "packages": versions, "command": sys.argv}
+    (run_dir / "run_metadata.json").write_text(json.dumps(meta, indent=2))
+    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
+                                                                 sort_keys=False))
+
+
+class RunLog:
+    """logging.jsonl (one JSON object per event) and TensorBoard, written on the main process."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "logging.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop rows the resumed run will write again (and a half-written line)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        self.path.write_text("".join(x + "\n" for x in keep))
+
+    def log(self, step: int, kind: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "kind": kind, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def is_failure(sample: dict) -> bool:
+    s = sample["stats"]
+    return bool(s["parse_invalid_rollout"] or s["parse_dropped_invalid"] or
+                s["parse_dropped_ambiguous"] or s["parse_truncated"] or not s["valid_pred_objects"])
+
+
+def write_monitor_dump(run_dir: Path, step: int, metrics: dict, samples: list[dict],
+                       max_samples: int) -> Path:
+    """A few eval samples, failures first, then the rest in eval order."""
+    chosen = [s for s in samples if is_failure(s)][:max_samples]
+    chosen += [s for s in samples if not is_failure(s)][: max_samples - len(chosen)]
+    out = run_dir / "monitor_dumps" / f"step_{step:06d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"global_step": step, "metrics": metrics, "samples": chosen},
+                              indent=1))
+    tmp.replace(out)
+    return out
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def finish_checkpoint(tmp: Path, final: Path) -> None:
+    """Move a fully written checkpoint into place; a kill before this leaves only *.tmp."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: set[Path]) -> None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_??????"))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        if old not in protect:
+            shutil.rmtree(old)
+    for stale in (run_dir / "checkpoints").glob("*.tmp"):
+        shutil.rmtree(stale)
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted((run_dir / "checkpoints").glob("step_??????"))
+    if not ckpts:
+        raise UserError(f"{run_dir}: no checkpoint to resume from (checkpoints/step_*)")
+    return ckpts[-1]
