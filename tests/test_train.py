@@ -1,0 +1,146 @@
+"""The training loop: tiny Stage-1 runs learn, write their artifacts, resume exactly, and
+agree between one process and two (torchrun, gloo)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordexp.cli import main
+from coordexp.config import load_config
+from coordexp.train.loop import NonFiniteLoss, run_micro_steps, train
+from coordexp.train.step import StepOutput
+
+BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
+        "training.effective_batch_size=4", "training.per_device_batch_size=2",
+        "training.learning_rate=3e-3", "training.warmup_ratio=0"]
+
+
+def rows(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "logging.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def run_6(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, BASE + [f"data.train={synth_dir / 'train.jsonl'}",
+                                    f"training.output_dir={out}"])
+    return train(cfg)
+
+
+def test_stage1_loss_falls_params_change_and_artifacts_exist(run_6):
+    losses = [r["loss"] for r in rows(run_6)]
+    assert len(losses) == 6 and all(map(lambda x: x == x, losses))
+    assert losses[-1] < losses[0] - 0.5
+    for name in ("run_metadata.json", "resolved_config.yaml", "logging.jsonl"):
+        assert (run_6 / name).is_file()
+    assert any((run_6 / "tb").iterdir())
+    init = (run_6 / "init_model" / "model.safetensors").read_bytes()
+    last = (run_6 / "checkpoints" / "step_000006" / "model.safetensors").read_bytes()
+    assert init != last
+    row = rows(run_6)[0]
+    for key in ("loss/token_ce", "loss/coord_soft_ce", "loss/coord_w1", "loss/coord_gate",
+                "coord_diag/expected_bin_mae", "grad_norm", "learning_rate"):
+        assert key in row
+
+
+def test_tensorboard_reads_scalars_back(run_6):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_6 / "tb"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
+    assert events[0].value == pytest.approx(rows(run_6)[0]["loss"], rel=1e-6)
+
+
+def test_resume_after_kill_reproduces_the_trajectory_exactly(run_6, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_6, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_000006")  # killed after the step-3 save
+    with (copy / "logging.jsonl").open("a") as f:
+        f.write('{"step": 7, "kind": "tr')  # and mid-write
+    cfg = load_config(run_6 / "resolved_config.yaml", [f"training.output_dir={tmp_path}"])
+    train(cfg, resume="latest")
+    assert [r["loss"] for r in rows(copy)] == [r["loss"] for r in rows(run_6)]
+
+
+def test_non_finite_loss_stops_naming_step_and_samples(synth_dir):
+    from coordexp.data.records import read_records
+    from coordexp.train.data_order import DataOrder
+
+    records = read_records(synth_dir / "train.jsonl")
+
+    def step_fn(batch, step):
+        return StepOutput(torch.tensor(float("nan"), requires_grad=True), {})
+
+    class Autocast:
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+    with pytest.raises(NonFiniteLoss, match=r"step 4 \(samples: images/train/"):
+        run_micro_steps(step_fn, DataOrder(len(records), 0, 2), records, 1, 4, Autocast())
+
+
+CONFIG_ERRORS = {
+    "unknown_key": (["training.lr=1"], "training.lr"),
+    "wrong_type": (["training.max_steps=many"], "training.max_steps"),
+    "bad_choice": (["stage2_ab.coord_ctx_embed_mode=fuzzy"], "stage2_ab.coord_ctx_embed_mode"),
+    "impossible_batch": (["training.effective_batch_size=5"], "effective_batch_size"),
+    "b_ratio_range": (["stage2_ab.schedule.b_ratio=1.5"], "stage2_ab.schedule.b_ratio"),
+}
+
+
+@pytest.mark.parametrize("override,key", CONFIG_ERRORS.values(), ids=CONFIG_ERRORS.keys())
+def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, override, key):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  init_tiny: qwen2_5_vl\ndata:\n  train: x.jsonl\n"
+                   "training:\n  per_device_batch_size: 2\n")
+    assert main(["train", str(cfg), *override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+
+
+def test_yaml_extends_and_float_strings(tmp_path):
+    (tmp_path / "base.yaml").write_text("training:\n  learning_rate: 1e-5\n  max_steps: 7\n"
+                                        "model:\n  init_tiny: qwen3_vl\n")
+    (tmp_path / "leaf.yaml").write_text("extends: base.yaml\ntraining:\n  max_steps: 9\n"
+                                        "data:\n  train: t.jsonl\n")
+    cfg = load_config(tmp_path / "leaf.yaml", ["training.seed=3",
+                                               "training.per_device_batch_size=2"])
+    assert cfg.training.learning_rate == 1e-5 and cfg.training.max_steps == 9
+    assert cfg.training.seed == 3 and cfg.model.init_tiny == "qwen3_vl"
+    assert cfg.gradient_accumulation_steps(world_size=2) == 2  # 8 = 2 x 2 ranks x 2
+    assert cfg.gradient_accumulation_steps(world_size=1) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(synth_dir, tmp_path):
+    common = BASE + [f"data.train={synth_dir / 'train.jsonl'}", "training.max_steps=3",
+                     "training.per_device_batch_size=2", "training.effective_batch_size=4"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={_free_port()}", "-m", "coordexp", "train", str(cfg_file),
+                    *common, f"training.output_dir={tmp_path / 'ddp'}"], check=True, env=env,
+                   capture_output=True)
+    single = train(load_config(None, common + [f"training.output_dir={tmp_path / 'one'}"]))
+    ddp_rows, one_rows = rows(tmp_path / "ddp" / "run"), rows(single)
+    assert len(ddp_rows) == len(one_rows) == 3
+    for a, b in zip(ddp_rows, one_rows, strict=True):
+        for key in ("loss", "loss/coord_soft_ce", "coord_diag/coord_tokens", "loss/token_ce"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
