@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from coordexp.matching import match_boxes, pairwise_iou
+from coordexp.matching import match_boxes, match_boxes_batched, pairwise_iou
 
 
 def random_boxes(rng, n, scale=100.0):
@@ -45,13 +45,15 @@ def brute_force_cost(pred, gt, top_k, gate, fp_cost, fn_cost):
     return best
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_matching_equals_brute_force_for_small_sets(seed):
     rng = np.random.default_rng(seed)
     num_gt, num_pred = rng.integers(0, 6, size=2)
-    gt = random_boxes(rng, num_gt, scale=60)
+    scale = 60 if seed % 3 else 20  # small scenes: every box overlaps several others
+    gt = random_boxes(rng, num_gt, scale=scale)
     num_near = min(num_pred // 2, num_gt)
-    pred = np.concatenate([near(rng, gt[:num_near], 6), random_boxes(rng, num_pred - num_near, 60)])
+    pred = np.concatenate([near(rng, gt[:num_near], scale / 10),
+                           random_boxes(rng, num_pred - num_near, scale)])
     top_k = int(rng.choice([1, 2, 10]))
     gate = float(rng.choice([0.0, 0.3, 0.5]))
     fp_cost, fn_cost = (1.0, 1.0) if seed % 2 else (0.2, 0.3)  # cheap dummies: some pairs lose
@@ -126,3 +128,19 @@ def test_empty_and_inverted_boxes_have_zero_iou():
     iou = pairwise_iou(a, a)
     assert iou[2, 2] == 1.0 and iou[0, 0] == 0.0 and iou[1, 1] == 0.0
     assert np.isfinite(iou).all()
+
+
+def test_batched_matching_equals_per_image():
+    rng = np.random.default_rng(3)
+    preds, gts = [], []
+    for n in range(30):
+        scale = 20 if n % 2 else 80  # crowded and sparse images alternate
+        gt = random_boxes(rng, int(rng.integers(0, 14)), scale)
+        pred = np.concatenate([near(rng, gt, scale / 10), random_boxes(rng, int(rng.integers(0, 4)),
+                                                                        scale)])
+        preds.append(pred)
+        gts.append(gt)
+    opts = {"candidate_top_k": 3, "iou_gate": 0.3, "fp_cost": 0.5, "fn_cost": 2.0}
+    batched = match_boxes_batched(preds, gts, **opts)
+    assert batched == [match_boxes(p, g, **opts) for p, g in zip(preds, gts, strict=True)]
+    assert any(m.pairs for m in batched) and any(m.fp_indices for m in batched)

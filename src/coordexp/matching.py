@@ -1,10 +1,13 @@
 """Hungarian matching of predicted to ground-truth boxes with candidate pruning and an IoU gate.
 
-Used identically by Channel B (which preds are supervised) and by evaluation (F1).
+Used identically by Channel B (which preds are supervised) and by evaluation (F1). A batch of
+images is matched in one vectorised pass over all their (pred, GT) pairs; only images where
+some box has several feasible partners go to the Hungarian solver.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,65 +25,159 @@ class Match:
     matched_ious: list[float]
 
 
+@dataclass(frozen=True)
+class PairTable:
+    """Every (pred, GT) pair of a batch of images, flattened image by image, pred-major:
+    pair n is (pred[n], gt[n]) of image[n], indices local to that image. N = sum P_i * G_i."""
+
+    num_pred: np.ndarray  # [I]
+    num_gt: np.ndarray  # [I]
+    image: np.ndarray  # [N]
+    pred: np.ndarray  # [N]
+    gt: np.ndarray  # [N]
+    iou: np.ndarray  # [N]
+    candidate: np.ndarray  # [N] bool: gt is among pred's candidate_top_k
+
+
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact IoU of every pair: [P, 4], [G, 4] xyxy -> [P, G]; an inverted side counts as empty."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # [P, G, 2]
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])  # [P, G, 2]
-    inter = np.clip(rb - lt, 0, None).prod(-1)  # [P, G]
-    union = _area(a)[:, None] + _area(b)[None, :] - inter
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise IoU of broadcastable [..., 4] xyxy boxes."""
+    w = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0)
+    h = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0)
+    inter = w * h
+    union = _area(a) + _area(b) - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _area(boxes: np.ndarray) -> np.ndarray:
-    return np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(-1)
+    return (np.maximum(boxes[..., 2] - boxes[..., 0], 0)
+            * np.maximum(boxes[..., 3] - boxes[..., 1], 0))
 
 
-def candidate_mask(iou: np.ndarray, pred: np.ndarray, gt: np.ndarray, top_k: int) -> np.ndarray:
-    """[P, G] bool: each pred's top_k GT by IoU (ties by GT index), or by centre distance
-    when all its IoUs are 0."""
-    center_d2 = (((pred[:, None, :2] + pred[:, None, 2:]) - (gt[None, :, :2] + gt[None, :, 2:]))
-                 ** 2).sum(-1)  # [P, G], (2 x centre offset)^2 keeps the same order
-    key = np.where(iou.max(1, keepdims=True) > 0, -iou, center_d2)  # [P, G], smaller is better
-    order = np.argsort(key, axis=1, kind="stable")[:, :top_k]  # [P, k]
-    mask = np.zeros(iou.shape, dtype=bool)
-    np.put_along_axis(mask, order, True, axis=1)
-    return mask
+def build_pair_table(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                     candidate_top_k: int = 10) -> PairTable:
+    """IoU and candidates of every pair: preds[i] [P_i, 4], gts[i] [G_i, 4] xyxy, one space.
+
+    A pred's candidates are its top_k GT by IoU (ties by GT index), or by centre distance
+    when all its IoUs are 0.
+    """
+    pred_all, num_pred, pred_off = _stack(preds)  # [sum P, 4], [I], [I]
+    gt_all, num_gt, gt_off = _stack(gts)
+    per_image = num_pred * num_gt  # [I]
+    image = np.repeat(np.arange(len(num_pred)), per_image)  # [N]
+    k = np.arange(len(image)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
+    pred, gt = k // num_gt[image], k % num_gt[image]  # [N], [N]
+    a, b = pred_all[pred_off[image] + pred], gt_all[gt_off[image] + gt]  # [N, 4], [N, 4]
+    iou = _iou(a, b)
+    return PairTable(num_pred, num_gt, image, pred, gt, iou,
+                     _top_k(pred_off[image] + pred, gt, iou, a, b, candidate_top_k))
+
+
+def _stack(boxes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    arrays = [np.asarray(x, dtype=np.float64).reshape(-1, 4) for x in boxes]
+    counts = np.array([len(x) for x in arrays], dtype=np.int64)
+    stacked = np.concatenate(arrays) if arrays else np.zeros((0, 4))
+    return stacked, counts, np.cumsum(counts) - counts
+
+
+def _top_k(owner: np.ndarray, gt: np.ndarray, iou: np.ndarray, a: np.ndarray, b: np.ndarray,
+           top_k: int) -> np.ndarray:
+    """[N] bool: pair ranks within the first top_k of its pred (owner = global pred id)."""
+    if len(owner) == 0:
+        return np.zeros(0, dtype=bool)
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # owner is non-decreasing
+    best = np.repeat(np.maximum.reduceat(iou, starts), np.diff(np.r_[starts, len(owner)]))
+    centre_d2 = (((a[:, :2] + a[:, 2:]) - (b[:, :2] + b[:, 2:])) ** 2).sum(1)  # (2 x offset)^2
+    key = np.where(best > 0, -iou, centre_d2)  # [N], smaller ranks first
+    order = np.lexsort((gt, key, owner))  # by pred, then key, then GT index
+    first = np.searchsorted(owner[order], owner[order])  # where each pred's run starts
+    rank = np.empty(len(owner), dtype=np.int64)
+    rank[order] = np.arange(len(owner)) - first
+    return rank < top_k
+
+
+def match_pair_table(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float = 1.0,
+                     fn_cost: float = 1.0) -> list[Match]:
+    """One Match per image: minimum cost with 1 - IoU per pair, fp_cost per unmatched pred,
+    fn_cost per unmatched GT; pairs outside the candidates or below the gate are infeasible."""
+    feasible = table.candidate & (table.iou >= iou_gate)  # [N]
+    num_images = len(table.num_pred)
+    tangled = _tangled_images(table, feasible)  # [I] bool
+    direct = feasible & ~tangled[table.image] & (1.0 - table.iou < fp_cost + fn_cost)
+    rejections = np.bincount(table.image[table.candidate & ~feasible], minlength=num_images)
+    ends = np.cumsum(np.bincount(table.image[direct], minlength=num_images)).tolist()
+    pred, gt, iou = (table.pred[direct].tolist(), table.gt[direct].tolist(),
+                     table.iou[direct].tolist())
+    bounds = np.cumsum(table.num_pred * table.num_gt).tolist()
+    matches, start = [], 0
+    for i in range(num_images):
+        if tangled[i]:
+            lo = bounds[i] - int(table.num_pred[i] * table.num_gt[i])
+            pairs, ious = _solve_image(table, feasible, lo, bounds[i], i, fp_cost, fn_cost)
+        else:
+            pairs = list(zip(pred[start: ends[i]], gt[start: ends[i]], strict=True))
+            ious = iou[start: ends[i]]
+        start = ends[i]
+        matches.append(_make_match(pairs, ious, int(table.num_pred[i]), int(table.num_gt[i]),
+                                   int(rejections[i])))
+    return matches
+
+
+def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:
+    """[I] bool: images where some pred or GT has more than one feasible partner."""
+    pred_id = (np.cumsum(table.num_pred) - table.num_pred)[table.image] + table.pred  # [N]
+    gt_id = (np.cumsum(table.num_gt) - table.num_gt)[table.image] + table.gt  # [N]
+    per_pred = np.bincount(pred_id[feasible], minlength=int(table.num_pred.sum()))
+    per_gt = np.bincount(gt_id[feasible], minlength=int(table.num_gt.sum()))
+    crowded = feasible & ((per_pred[pred_id] > 1) | (per_gt[gt_id] > 1))
+    tangled = np.zeros(len(table.num_pred), dtype=bool)
+    tangled[table.image[crowded]] = True
+    return tangled
+
+
+def _solve_image(table: PairTable, feasible: np.ndarray, lo: int, hi: int, i: int,
+                 fp_cost: float, fn_cost: float) -> tuple[list[tuple[int, int]], list[float]]:
+    """Hungarian on the square dummy-augmented matrix [[1 - IoU | fp], [fn | 0]] of image i,
+    restricted to the preds and GT that have a feasible pair (the others are FP / FN anyway)."""
+    shape = (int(table.num_pred[i]), int(table.num_gt[i]))
+    ok = feasible[lo:hi].reshape(shape)  # [P, G]
+    iou = table.iou[lo:hi].reshape(shape)  # [P, G]
+    rows, cols = np.flatnonzero(ok.any(1)), np.flatnonzero(ok.any(0))
+    p, g = len(rows), len(cols)
+    cost = np.zeros((p + g, g + p))  # [p + g, g + p]
+    cost[:p, :g] = np.where(ok[rows][:, cols], 1.0 - iou[rows][:, cols], np.inf)
+    cost[:p, g:] = fp_cost  # pred left unmatched
+    cost[p:, :g] = fn_cost  # GT left unmatched
+    r, c = linear_sum_assignment(cost)
+    real = (r < p) & (c < g)
+    pi, gj = rows[r[real]], cols[c[real]]
+    return list(zip(pi.tolist(), gj.tolist(), strict=True)), iou[pi, gj].tolist()
+
+
+def _make_match(pairs: list[tuple[int, int]], ious: list[float], num_pred: int, num_gt: int,
+                rejections: int) -> Match:
+    matched_pred = {i for i, _ in pairs}
+    matched_gt = {j for _, j in pairs}
+    return Match(pairs, [i for i in range(num_pred) if i not in matched_pred],
+                 [j for j in range(num_gt) if j not in matched_gt], rejections, ious)
+
+
+def match_boxes_batched(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *,
+                        candidate_top_k: int = 10, iou_gate: float = 0.3, fp_cost: float = 1.0,
+                        fn_cost: float = 1.0) -> list[Match]:
+    """match_boxes for many images at once: preds[i] [P_i, 4] against gts[i] [G_i, 4]."""
+    table = build_pair_table(preds, gts, candidate_top_k)
+    return match_pair_table(table, iou_gate=iou_gate, fp_cost=fp_cost, fn_cost=fn_cost)
 
 
 def match_boxes(pred: np.ndarray, gt: np.ndarray, *, candidate_top_k: int = 10,
                 iou_gate: float = 0.3, fp_cost: float = 1.0, fn_cost: float = 1.0) -> Match:
-    """Minimum-cost 1:1 matching: a pair costs 1 - IoU, an unmatched pred fp_cost, an
-    unmatched GT fn_cost; pairs outside the candidates or below the gate are infeasible.
-    pred [P, 4], gt [G, 4] xyxy in any one coordinate space."""
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
-    gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
-    iou = pairwise_iou(pred, gt)  # [P, G]
-    cand = candidate_mask(iou, pred, gt, candidate_top_k) if iou.size else iou.astype(bool)
-    return match_candidates(iou, cand, iou_gate=iou_gate, fp_cost=fp_cost, fn_cost=fn_cost)
-
-
-def match_candidates(iou: np.ndarray, cand: np.ndarray, *, iou_gate: float, fp_cost: float,
-                     fn_cost: float) -> Match:
-    """The assignment step of match_boxes, given IoU [P, G] and candidate mask [P, G]; lets the
-    evaluator reuse one IoU matrix for several gates."""
-    num_pred, num_gt = iou.shape
-    feasible = cand & (iou >= iou_gate)  # [P, G]
-    rejections = int((cand & ~feasible).sum())
-    if not feasible.any():
-        return Match([], list(range(num_pred)), list(range(num_gt)), rejections, [])
-    cost = np.zeros((num_pred + num_gt, num_gt + num_pred))  # [P + G, G + P]
-    cost[:num_pred, :num_gt] = np.where(feasible, 1.0 - iou, np.inf)
-    cost[:num_pred, num_gt:] = fp_cost  # pred left unmatched
-    cost[num_pred:, :num_gt] = fn_cost  # GT left unmatched
-    rows, cols = linear_sum_assignment(cost)
-    real = (rows < num_pred) & (cols < num_gt)
-    pairs = [(int(i), int(j)) for i, j in zip(rows[real], cols[real], strict=True)]
-    matched_pred = {i for i, _ in pairs}
-    matched_gt = {j for _, j in pairs}
-    return Match(
-        pairs=pairs,
-        fp_indices=[i for i in range(num_pred) if i not in matched_pred],
-        fn_indices=[j for j in range(num_gt) if j not in matched_gt],
-        gating_rejections=rejections,
-        matched_ious=[float(iou[i, j]) for i, j in pairs],
-    )
+    """Minimum-cost 1:1 matching of pred [P, 4] to gt [G, 4] (xyxy, any one space): a pair
+    costs 1 - IoU, an unmatched pred fp_cost, an unmatched GT fn_cost; pairs outside the
+    pred's candidate_top_k or with IoU below iou_gate are infeasible."""
+    return match_boxes_batched([pred], [gt], candidate_top_k=candidate_top_k, iou_gate=iou_gate,
+                               fp_cost=fp_cost, fn_cost=fn_cost)[0]
