@@ -231,8 +231,8 @@ def rollout_pieces(objects):
 
 
 def test_raw_text_predictions_are_parsed_scored_and_counted():
-    gts = [Record("a.png", 1000, 500, (DetObject("cat", CODEC.box_bins_to_px([100, 100, 300, 300],
-                                                                             1000, 500)),))]
+    box_px = CODEC.box_bins_to_px([100, 100, 300, 300], 640, 480)
+    gts = [Record("a.png", 640, 480, (DetObject("cat", tuple(box_px)),))]
     pieces = rollout_pieces([("cat", [100, 100, 300, 300]), ("dog", [1, 2, 3])])
     logprobs = [math.log(0.5) if p.startswith("<|coord_") else 0.0 for p in pieces]
     preds = [{"images": ["a.png"], "raw_text": "".join(pieces), "token_pieces": pieces,

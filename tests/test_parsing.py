@@ -237,7 +237,7 @@ def test_prefix_tokens_none_when_cut_splits_a_token():
 # -- properties -----------------------------------------------------------------------------
 
 DESCS = st.text(alphabet=st.sampled_from(list('ab {}[]"\\:,é<|>_')), min_size=1, max_size=8)
-BINS = st.lists(st.integers(0, 999), min_size=4, max_size=4)
+BINS = st.lists(st.integers(0, CODEC.max_bin), min_size=4, max_size=4)
 KINDS = ("valid", "wrong_arity", "missing_desc", "unexpected_keys", "order_violation", "other")
 
 

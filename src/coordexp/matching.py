@@ -112,18 +112,20 @@ def match_pair_table(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float 
     ends = np.cumsum(np.bincount(table.image[direct], minlength=num_images)).tolist()
     pred, gt, iou = (table.pred[direct].tolist(), table.gt[direct].tolist(),
                      table.iou[direct].tolist())
+    pair_cost = np.where(feasible, 1.0 - table.iou, np.inf)  # [N]
+    num_pred, num_gt = table.num_pred.tolist(), table.num_gt.tolist()
     bounds = np.cumsum(table.num_pred * table.num_gt).tolist()
     matches, start = [], 0
     for i in range(num_images):
         if tangled[i]:
-            lo = bounds[i] - int(table.num_pred[i] * table.num_gt[i])
-            pairs, ious = _solve_image(table, feasible, lo, bounds[i], i, fp_cost, fn_cost)
+            lo, shape = bounds[i] - num_pred[i] * num_gt[i], (num_pred[i], num_gt[i])
+            pairs = _solve_image(pair_cost[lo: bounds[i]].reshape(shape), fp_cost, fn_cost)
+            ious = [float(table.iou[lo + a * num_gt[i] + b]) for a, b in pairs]
         else:
             pairs = list(zip(pred[start: ends[i]], gt[start: ends[i]], strict=True))
             ious = iou[start: ends[i]]
         start = ends[i]
-        matches.append(_make_match(pairs, ious, int(table.num_pred[i]), int(table.num_gt[i]),
-                                   int(rejections[i])))
+        matches.append(_make_match(pairs, ious, num_pred[i], num_gt[i], int(rejections[i])))
     return matches
 
 
@@ -139,23 +141,21 @@ def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:
     return tangled
 
 
-def _solve_image(table: PairTable, feasible: np.ndarray, lo: int, hi: int, i: int,
-                 fp_cost: float, fn_cost: float) -> tuple[list[tuple[int, int]], list[float]]:
-    """Hungarian on the square dummy-augmented matrix [[1 - IoU | fp], [fn | 0]] of image i,
-    restricted to the preds and GT that have a feasible pair (the others are FP / FN anyway)."""
-    shape = (int(table.num_pred[i]), int(table.num_gt[i]))
-    ok = feasible[lo:hi].reshape(shape)  # [P, G]
-    iou = table.iou[lo:hi].reshape(shape)  # [P, G]
+def _solve_image(pair_cost: np.ndarray, fp_cost: float,
+                 fn_cost: float) -> list[tuple[int, int]]:
+    """Hungarian on the square dummy-augmented matrix [[pair | fp], [fn | 0]] of one image
+    (pair_cost [P, G], inf = infeasible), restricted to the preds and GT that have a feasible
+    pair: the others can only be FP / FN."""
+    ok = pair_cost < np.inf  # [P, G]
     rows, cols = np.flatnonzero(ok.any(1)), np.flatnonzero(ok.any(0))
     p, g = len(rows), len(cols)
     cost = np.zeros((p + g, g + p))  # [p + g, g + p]
-    cost[:p, :g] = np.where(ok[rows][:, cols], 1.0 - iou[rows][:, cols], np.inf)
+    cost[:p, :g] = pair_cost[np.ix_(rows, cols)]
     cost[:p, g:] = fp_cost  # pred left unmatched
     cost[p:, :g] = fn_cost  # GT left unmatched
     r, c = linear_sum_assignment(cost)
     real = (r < p) & (c < g)
-    pi, gj = rows[r[real]], cols[c[real]]
-    return list(zip(pi.tolist(), gj.tolist(), strict=True)), iou[pi, gj].tolist()
+    return list(zip(rows[r[real]].tolist(), cols[c[real]].tolist(), strict=True))
 
 
 def _make_match(pairs: list[tuple[int, int]], ious: list[float], num_pred: int, num_gt: int,
