@@ -51,8 +51,8 @@ def random_box(rng: np.random.Generator, w: int, h: int) -> tuple[float, ...]:
     area = float(np.exp(rng.uniform(np.log(40), np.log(0.6 * w * h))))  # ~40% small, as COCO
     aspect = float(np.exp(rng.normal(0, 0.5)))
     bw, bh = min(np.sqrt(area * aspect), w - 2), min(np.sqrt(area / aspect), h - 2)
-    x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-    return (x1, y1, x1 + bw, y1 + bh)
+    x1, y1 = float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh))
+    return (x1, y1, x1 + float(bw), y1 + float(bh))  # plain floats, as read from JSON
 
 
 def predict(rng: np.random.Generator, objects: list[DetObject], w: int, h: int) -> list[dict]:

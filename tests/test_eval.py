@@ -276,7 +276,12 @@ def test_semantic_mapping_uses_minilm_threshold():
      "bbox_2d"),
     ({"images": ["a.png"]}, "needs 'objects'"),
     ({"images": "a.png", "objects": []}, "'images'"),
-], ids=["missing_score", "size_mismatch", "short_box", "no_objects", "images_not_a_list"])
+    ({"images": ["a.png"], "objects": [{"desc": "cat", "bbox_2d": [0, 0, True, 5], "score": 1}]},
+     "bbox_2d"),
+    ({"images": ["a.png"], "objects": [{"desc": "cat", "bbox_2d": [0, 0, 5, 5],
+                                        "score": float("nan")}]}, "finite"),
+], ids=["missing_score", "size_mismatch", "short_box", "no_objects", "images_not_a_list",
+        "boolean_coordinate", "nan_score"])
 def test_bad_prediction_records_name_the_record(pred, message):
     gts = [Record("a.png", 100, 100, ())]
     with pytest.raises(UserError, match=message) as err:

@@ -3,7 +3,13 @@ import itertools
 import numpy as np
 import pytest
 
-from coordexp.matching import match_boxes, match_boxes_batched, pairwise_iou
+from coordexp.matching import (
+    build_pair_table,
+    count_matches,
+    match_boxes,
+    match_boxes_batched,
+    pairwise_iou,
+)
 
 
 def random_boxes(rng, n, scale=100.0):
@@ -144,3 +150,6 @@ def test_batched_matching_equals_per_image():
     batched = match_boxes_batched(preds, gts, **opts)
     assert batched == [match_boxes(p, g, **opts) for p, g in zip(preds, gts, strict=True)]
     assert any(m.pairs for m in batched) and any(m.fp_indices for m in batched)
+    counts = count_matches(build_pair_table(preds, gts, 3), iou_gate=0.3, fp_cost=0.5,
+                           fn_cost=2.0)
+    assert counts.tolist() == [len(m.pairs) for m in batched]

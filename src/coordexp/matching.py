@@ -104,29 +104,59 @@ def match_pair_table(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float 
                      fn_cost: float = 1.0) -> list[Match]:
     """One Match per image: minimum cost with 1 - IoU per pair, fp_cost per unmatched pred,
     fn_cost per unmatched GT; pairs outside the candidates or below the gate are infeasible."""
-    feasible = table.candidate & (table.iou >= iou_gate)  # [N]
-    num_images = len(table.num_pred)
-    tangled = _tangled_images(table, feasible)  # [I] bool
-    direct = feasible & ~tangled[table.image] & (1.0 - table.iou < fp_cost + fn_cost)
-    rejections = np.bincount(table.image[table.candidate & ~feasible], minlength=num_images)
-    ends = np.cumsum(np.bincount(table.image[direct], minlength=num_images)).tolist()
+    direct, solved, rejections = _assign(table, iou_gate, fp_cost, fn_cost)
+    ends = np.cumsum(np.bincount(table.image[direct], minlength=len(table.num_pred))).tolist()
     pred, gt, iou = (table.pred[direct].tolist(), table.gt[direct].tolist(),
                      table.iou[direct].tolist())
-    pair_cost = np.where(feasible, 1.0 - table.iou, np.inf)  # [N]
     num_pred, num_gt = table.num_pred.tolist(), table.num_gt.tolist()
-    bounds = np.cumsum(table.num_pred * table.num_gt).tolist()
+    first_pair = _first_pair(table).tolist()
     matches, start = [], 0
-    for i in range(num_images):
-        if tangled[i]:
-            lo, shape = bounds[i] - num_pred[i] * num_gt[i], (num_pred[i], num_gt[i])
-            pairs = _solve_image(pair_cost[lo: bounds[i]].reshape(shape), fp_cost, fn_cost)
-            ious = [float(table.iou[lo + a * num_gt[i] + b]) for a, b in pairs]
+    for i, end in enumerate(ends):
+        if i in solved:
+            pairs = solved[i]
+            ious = [float(table.iou[first_pair[i] + a * num_gt[i] + b]) for a, b in pairs]
         else:
-            pairs = list(zip(pred[start: ends[i]], gt[start: ends[i]], strict=True))
-            ious = iou[start: ends[i]]
-        start = ends[i]
+            pairs = list(zip(pred[start:end], gt[start:end], strict=True))
+            ious = iou[start:end]
+        start = end
         matches.append(_make_match(pairs, ious, num_pred[i], num_gt[i], int(rejections[i])))
     return matches
+
+
+def count_matches(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float = 1.0,
+                  fn_cost: float = 1.0) -> np.ndarray:
+    """[I] how many pairs match_pair_table would match in each image, without building Matches."""
+    direct, solved, _ = _assign(table, iou_gate, fp_cost, fn_cost)
+    counts = np.bincount(table.image[direct], minlength=len(table.num_pred))
+    for i, pairs in solved.items():
+        counts[i] = len(pairs)
+    return counts
+
+
+def _assign(table: PairTable, iou_gate: float, fp_cost: float, fn_cost: float
+            ) -> tuple[np.ndarray, dict[int, list[tuple[int, int]]], np.ndarray]:
+    """[N] pairs matched directly (images where no box has two feasible partners: each
+    feasible pair is matched iff that is cheaper), the solved pairs of the other images, and
+    [I] gating rejections."""
+    feasible = table.candidate & (table.iou >= iou_gate)  # [N]
+    tangled = _tangled_images(table, feasible)  # [I] bool
+    direct = feasible & ~tangled[table.image] & (1.0 - table.iou < fp_cost + fn_cost)
+    rejections = np.bincount(table.image[table.candidate & ~feasible],
+                             minlength=len(table.num_pred))
+    pair_cost = np.where(feasible, 1.0 - table.iou, np.inf)  # [N]
+    first_pair = _first_pair(table)
+    solved = {}
+    for i in np.flatnonzero(tangled).tolist():
+        shape = (int(table.num_pred[i]), int(table.num_gt[i]))
+        block = pair_cost[first_pair[i]: first_pair[i] + shape[0] * shape[1]].reshape(shape)
+        solved[i] = _solve_image(block, fp_cost, fn_cost)
+    return direct, solved, rejections
+
+
+def _first_pair(table: PairTable) -> np.ndarray:
+    """[I] index of each image's first pair in the table."""
+    per_image = table.num_pred * table.num_gt
+    return np.cumsum(per_image) - per_image
 
 
 def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import json
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from coordexp.codec import CoordCodec
 
@@ -325,11 +326,7 @@ def parse_coordjson_tokens(pieces: list[str], *, field_order: str = "desc_first"
 
 
 def _piece_starts(pieces: list[str]) -> list[int]:
-    starts, pos = [0], 0
-    for p in pieces:
-        pos += len(p)
-        starts.append(pos)
-    return starts
+    return [0, *accumulate(map(len, pieces))]
 
 
 def _exact_token(starts: list[int], span: Span) -> int | None:

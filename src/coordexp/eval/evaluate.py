@@ -38,6 +38,7 @@ METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
                   "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
 _CODEC = CoordCodec()
+_JSON_NUMBER = (int, float)  # exact types, so a JSON true/false is not a number
 
 
 @dataclass(frozen=True)
@@ -153,29 +154,50 @@ def _read_prediction(obj: dict, where: str, gt: Record, opts: EvalOptions) -> Pr
 
 
 def _read_objects(obj: dict, where: str, opts: EvalOptions) -> PredImage:
-    if not isinstance(obj["objects"], list):
+    objects = obj["objects"]
+    if not isinstance(objects, list):
         raise UserError(f"{where}: 'objects' must be a list")
-    descs, boxes, scores = [], [], []
-    for i, o in enumerate(obj["objects"]):
-        at = f"{where}: object {i}"
-        if not (isinstance(o, dict) and isinstance(o.get("desc"), str)):
-            raise UserError(f"{at}: needs a string 'desc'")
-        box = o.get("bbox_2d")
-        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
-            raise UserError(f"{at}: 'bbox_2d' must be 4 pixel numbers [x1, y1, x2, y2]")
-        if opts.constant_score is None and not _is_number(o.get("score")):
-            raise UserError(f"{at}: needs a finite number 'score' (AP ranks by it); to rank by "
-                            "emission order instead, evaluate with constant_score=1.0")
-        descs.append(o["desc"])
-        boxes.append(box)
-        scores.append(o.get("score", 0.0) if opts.constant_score is None else opts.constant_score)
+    need_score = opts.constant_score is None
+    for i, o in enumerate(objects):
+        problem = None if _is_pred_object(o, need_score) else _object_problem(o, need_score)
+        if problem is not None:
+            raise UserError(f"{where}: object {i}: {problem}")
+    boxes = _boxes([o["bbox_2d"] for o in objects])
+    scores = np.asarray([o["score"] for o in objects] if need_score
+                        else [opts.constant_score] * len(objects), dtype=np.float64)
+    finite = np.isfinite(boxes).all(1) & np.isfinite(scores)  # [P]
+    if not finite.all():
+        raise UserError(f"{where}: object {int(np.argmin(finite))}: box and score must be finite")
     parse = {}
     for key in PARSE_COUNTERS:
         value = obj.get(key, 0)
         if not (isinstance(value, int) and value >= 0):
             raise UserError(f"{where}: {key!r} must be a count, got {value!r}")
         parse[key] = int(value)
-    return PredImage(descs, _boxes(boxes), np.asarray(scores, dtype=np.float64), parse)
+    return PredImage([o["desc"] for o in objects], boxes, scores, parse)
+
+
+def _is_pred_object(o: object, need_score: bool) -> bool:
+    """A quick shape check of one predicted object (it runs for every box); what it does
+    not accept goes through _object_problem."""
+    if type(o) is not dict or type(o.get("desc")) is not str:
+        return False
+    box = o.get("bbox_2d")
+    return (type(box) is list and len(box) == 4 and all(type(v) in _JSON_NUMBER for v in box)
+            and (not need_score or type(o.get("score")) in _JSON_NUMBER))
+
+
+def _object_problem(o: object, need_score: bool) -> str | None:
+    """What is wrong with one predicted object, None if nothing."""
+    if not (isinstance(o, dict) and isinstance(o.get("desc"), str)):
+        return "needs a string 'desc'"
+    box = o.get("bbox_2d")
+    if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
+        return "'bbox_2d' must be 4 pixel numbers [x1, y1, x2, y2]"
+    if need_score and not _is_number(o.get("score")):
+        return ("needs a finite number 'score' (AP ranks by it); to rank by emission order "
+                "instead, evaluate with constant_score=1.0")
+    return None
 
 
 def _parse_raw_text(obj: dict, where: str, gt: Record, opts: EvalOptions) -> PredImage:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordexp.matching import Match, build_pair_table, match_pair_table
+from coordexp.matching import Match, build_pair_table, count_matches, match_pair_table
 
 FIXED_THRESHOLDS = (0.5, 0.75)
 
@@ -36,8 +36,7 @@ def match_images(preds_xyxy: list[np.ndarray], gts_xyxy: list[np.ndarray],
     table = build_pair_table(preds_xyxy, gts_xyxy, opts.candidate_top_k)
     costs = {"fp_cost": opts.fp_cost, "fn_cost": opts.fn_cost}
     gated = match_pair_table(table, iou_gate=opts.iou_gate, **costs)
-    at = {t: [len(m.pairs) for m in match_pair_table(table, iou_gate=t, **costs)]
-          for t in FIXED_THRESHOLDS}
+    at = {t: count_matches(table, iou_gate=t, **costs).tolist() for t in FIXED_THRESHOLDS}
     return [ImageMatch(m, {t: at[t][i] for t in FIXED_THRESHOLDS}) for i, m in enumerate(gated)]
 
 
