@@ -9,7 +9,7 @@ from coordexp.codec import CoordCodec
 from coordexp.config import Config
 from coordexp.data.records import Record
 from coordexp.data.render import sorted_objects_bins
-from coordexp.eval import evaluate_records
+from coordexp.eval import evaluate_detections
 from coordexp.matching import match_boxes
 from coordexp.rollout import predict_records
 
@@ -20,21 +20,20 @@ EVAL_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_objects",
 
 def evaluate_model(model, processor, records: list[Record], cfg: Config) -> tuple[dict, list]:
     preds = predict_records(model, processor, records, cfg)
-    report = evaluate_records(records, preds, iou_gate=cfg.rollout.iou_gate,
-                              candidate_top_k=cfg.rollout.candidate_top_k,
-                              fp_cost=cfg.rollout.fp_cost, fn_cost=cfg.rollout.fn_cost)
-    metrics = {f"rollout/{k}": report[k] for k in EVAL_KEYS if k in report}
-    metrics["rollout/matched_maskiou_mean"] = report.get("matched_iou_mean", 0.0)
-    parse = [p["parse"] for p in preds]
-    n = max(1, len(preds))
-    metrics |= {
-        "rollout/parse_dropped_invalid": sum(p["dropped_invalid"] for p in parse),
-        "rollout/parse_dropped_ambiguous": sum(p["dropped_ambiguous"] for p in parse),
-        "rollout/parse_truncated_rate": sum(bool(p["truncated"]) for p in parse) / n,
-        "rollout/parse_invalid_rollout_rate": sum(bool(p["invalid_rollout"]) for p in parse) / n,
-        "rollout/sample_valid_pred_rate": sum(bool(p["objects"]) for p in preds) / n,
-    }
-    metrics |= {f"rollout/coco_counter_{k}": v for k, v in report.get("counters", {}).items()}
+    ev = evaluate_detections(records, preds, iou_gate=cfg.rollout.iou_gate,
+                             candidate_top_k=cfg.rollout.candidate_top_k,
+                             fp_cost=cfg.rollout.fp_cost, fn_cost=cfg.rollout.fn_cost,
+                             semantic=cfg.eval.semantic_desc)
+    metrics = {f"rollout/{k}": ev.metrics[k] for k in EVAL_KEYS}
+    metrics["rollout/matched_maskiou_mean"] = ev.metrics["matched_iou_mean"]
+    c = ev.counters
+    n = max(1, c["images"])
+    metrics |= {"rollout/parse_dropped_invalid": c["parse_dropped_invalid"],
+                "rollout/parse_dropped_ambiguous": c["parse_dropped_ambiguous"],
+                "rollout/parse_truncated_rate": c["parse_truncated_rate"],
+                "rollout/parse_invalid_rollout_rate": c["parse_invalid_rollout"] / n,
+                "rollout/sample_valid_pred_rate": c["sample_valid_pred_rate"]}
+    metrics |= {f"rollout/{k}": v for k, v in c.items() if k.startswith("coco_counter_")}
     samples = [dump_sample(i, r, p, cfg) for i, (r, p) in enumerate(zip(records, preds,
                                                                         strict=True))]
     return metrics, samples
@@ -55,17 +54,19 @@ def dump_sample(index: int, record: Record, pred: dict, cfg: Config) -> dict:
     precision = matched / len(pr) if pr else float(not gt)
     recall = matched / len(gt) if gt else float(not pr)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    p = pred["parse"]
+    reasons = {k.removeprefix("parse_dropped_"): v for k, v in pred.items()
+               if k.startswith("parse_dropped_") and k not in ("parse_dropped_invalid",
+                                                               "parse_dropped_ambiguous")}
     return {"sample_id": index, "image": str(record.image_path), "width": record.width,
             "height": record.height, "rollout_text": pred.get("raw_text", ""),
             "gt_objects": gt, "pred_objects": pr,
             "match": {"matched_pairs": [list(map(int, x)) for x in m.pairs],
                       "fn_gt_indices": list(map(int, m.fn_indices)),
                       "fp_pred_indices": list(map(int, m.fp_indices))},
-            "stats": {"parse_invalid_rollout": bool(p["invalid_rollout"]),
-                      "parse_dropped_invalid": p["dropped_invalid"],
-                      "parse_dropped_ambiguous": p["dropped_ambiguous"],
-                      "parse_truncated": bool(p["truncated"]),
-                      "parse_dropped_invalid_by_reason": p["dropped_by_reason"],
+            "stats": {"parse_invalid_rollout": bool(pred["parse_invalid_rollout"]),
+                      "parse_dropped_invalid": pred["parse_dropped_invalid"],
+                      "parse_dropped_ambiguous": pred["parse_dropped_ambiguous"],
+                      "parse_truncated": bool(pred["parse_truncated"]),
+                      "parse_dropped_invalid_by_reason": reasons,
                       "valid_pred_objects": len(pr), "gt_objects": len(gt), "matched": matched,
                       "precision": precision, "recall": recall, "f1": f1}}
