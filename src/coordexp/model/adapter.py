@@ -1,9 +1,18 @@
-"""What the trainers need from a Qwen-VL model: hidden states, the LM-head weight, embeddings."""
+"""What the trainers need from a Qwen-VL model: hidden states, the LM-head weight, embeddings,
+and the pieces of the fast Channel A (vision once, explicit M-RoPE positions, prefix K/V reuse).
+
+The fast path calls the inner modules of `...ForConditionalGeneration` directly:
+`model.model.get_rope_index` (positions), `model.model.get_image_features` (vision tower) and
+`model.model.language_model` (the decoder, with a `DynamicCache` holding the shared prefix).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 
 def hidden_states(model, inputs: dict[str, Tensor]) -> Tensor:
@@ -34,3 +43,91 @@ def init_coord_embeddings_ordinal(model, coord_ids: list[int], scale: float = 1.
     directions = torch.linalg.qr(torch.randn(emb.shape[1], feats.shape[1], generator=gen))[0]
     rows = emb[ids].mean(0) + scale * emb[ids].std() * feats @ directions.T  # [K, D]
     emb[ids] = rows.to(emb.dtype)
+
+
+# -- the fast path -----------------------------------------------------------------------------
+def rope_position_ids(model, inputs: dict[str, Tensor]) -> Tensor:
+    """M-RoPE positions [3, B, T] from input ids, image grids and the padding mask.
+
+    Always pass these explicitly when calling with `inputs_embeds`: without input ids the model
+    silently falls back to 1-D positions or to stale `rope_deltas` kept from an earlier call.
+    """
+    return model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])[0]
+
+
+@dataclass
+class MultimodalInputs:
+    """Everything a decoder call needs besides the token embeddings, computed once per step."""
+
+    embeds: Tensor  # [B, T, D] token embeddings with the image features spliced in
+    attention_mask: Tensor  # [B, T]
+    position_ids: Tensor  # [3, B, T] M-RoPE
+    visual_mask: Tensor | None = None  # [B, T] image rows (Qwen3-VL deepstack only)
+    deepstack: list[Tensor] | None = None  # per deepstack layer: [rows of visual_mask, D]
+
+
+def embed_multimodal(model, inputs: dict[str, Tensor]) -> MultimodalInputs:
+    """Token embeddings with the vision tower's output spliced in (the tower runs once here)."""
+    ids = inputs["input_ids"]
+    embeds = input_embeddings(model)(ids)  # [B, T, D]
+    mm = MultimodalInputs(embeds, inputs["attention_mask"], rope_position_ids(model, inputs))
+    if "pixel_values" not in inputs:
+        return mm
+    vision = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                            return_dict=True)
+    image_mask = ids == model.config.image_token_id  # [B, T]
+    features = torch.cat(vision.pooler_output).to(embeds.dtype)  # [rows, D]
+    mm.embeds = embeds.masked_scatter(image_mask[..., None].expand_as(embeds), features)
+    deepstack = vision.get("deepstack_features")  # Qwen3-VL only
+    if deepstack:
+        mm.visual_mask = image_mask
+        mm.deepstack = [torch.cat(f).to(embeds.dtype) for f in deepstack]
+    return mm
+
+
+def _decoder(model, mm: MultimodalInputs, embeds: Tensor, start: int, cache) -> Tensor:
+    """Decoder hidden states for columns start..start+len(embeds) given `cache` = K/V of
+    columns 0..start. The mask covers every column so far; positions only the new ones."""
+    end = start + embeds.shape[1]
+    extra = {}
+    if mm.deepstack is not None:
+        cols = mm.visual_mask.nonzero()[:, 1]  # b-major, the order of the deepstack rows
+        rows = (cols >= start) & (cols < end)
+        if bool(rows.any()):
+            extra = {"visual_pos_masks": mm.visual_mask[:, start:end],
+                     "deepstack_visual_embeds": [f[rows] for f in mm.deepstack]}
+    return model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mm.attention_mask[:, :end],
+        position_ids=mm.position_ids[:, :, start:end], cache=cache, use_cache=True,
+        **extra).last_hidden_state
+
+
+@dataclass
+class Prefix:
+    """The shared prefix (columns 0..length): its hidden states and per-layer keys/values."""
+
+    length: int
+    hidden: Tensor  # [B, P, D]
+    kv: list[tuple[Tensor, Tensor]]  # per layer ([B, H, P, d], [B, H, P, d])
+
+
+def run_prefix(model, mm: MultimodalInputs, length: int) -> Prefix:
+    """Run the first `length` columns once; every later suffix call attends to their K/V and
+    back-propagates into them (a cache concatenates, it does not detach)."""
+    cache = DynamicCache(config=model.model.language_model.config)
+    hidden = _decoder(model, mm, mm.embeds[:, :length], 0, cache)
+    return Prefix(length, hidden, [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def run_suffix(model, mm: MultimodalInputs, prefix: Prefix, embeds: Tensor) -> Tensor:
+    """Hidden states [B, T, D] of the full sequence whose columns from prefix.length on have
+    the embeddings `embeds[:, prefix.length:]` (earlier columns of `embeds` are ignored).
+
+    Each call gets a fresh cache: a reused one would have grown to T and silently shift the
+    next call's queries.
+    """
+    cache = DynamicCache(ddp_cache_data=prefix.kv, config=model.model.language_model.config)
+    suffix = _decoder(model, mm, embeds[:, prefix.length:], prefix.length, cache)
+    return torch.cat([prefix.hidden, suffix], dim=1)

@@ -34,10 +34,13 @@ def text_ce(hidden: Tensor, weight: Tensor, batch: Batch, types: tuple[int, ...]
 
 
 def coord_terms(coord_logits: Tensor, vocab_lse: Tensor, target_bins: Tensor, *, sigma: float,
-                truncate: float | None, temperature: float, decode_mode: str) -> dict[str, Tensor]:
-    """Unweighted coordinate and box terms for slots grouped 4 per box: [N, K], [N], [N]."""
+                truncate: float | None, temperature: float, decode_mode: str,
+                decode_temperature: float | None = None) -> dict[str, Tensor]:
+    """Unweighted coordinate and box terms for slots grouped 4 per box: [N, K], [N], [N].
+    Boxes decode at decode_temperature (Stage 2: softctx_temperature), default temperature."""
     kw = dict(sigma=sigma, truncate=truncate, temperature=temperature)
-    pred = decode_coords(coord_logits, decode_mode, temperature).reshape(-1, 4)  # [N/4, 4]
+    tau = temperature if decode_temperature is None else decode_temperature
+    pred = decode_coords(coord_logits, decode_mode, tau).reshape(-1, 4)  # [N/4, 4]
     gt = (target_bins.float() / (coord_logits.shape[-1] - 1)).reshape(-1, 4)
     return {
         "loss/coord_token_ce": coord_hard_ce(coord_logits, target_bins),

@@ -1,0 +1,152 @@
+"""Channel A's forwards: the soft self-context loop over `n_softctx_iter` teacher-forced passes.
+
+A1 sees the ground truth; every later pass replaces the coord-slot input embeddings by
+embeddings built from the previous pass's coord distribution (`st` / `soft` / `hard`).
+Two implementations give the same hidden states and gradients:
+- `fast`: the vision tower runs once, the prefix before the first coord slot runs once and its
+  keys/values are shared by every pass, and logits are computed later only at the rows a loss
+  reads (`HiddenHead`);
+- `reference`: the plain full recompute (full model, full logits, every pass), kept for tests and
+  the benchmark. It too passes explicit M-RoPE positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from coordexp.config import Stage2ABConfig
+from coordexp.data.collate import Batch
+from coordexp.decode import compute_dtype, coord_probs, straight_through
+from coordexp.lmhead import coord_slice_logits, label_logits, vocab_logsumexp
+from coordexp.model.adapter import (
+    embed_multimodal,
+    input_embeddings,
+    lm_head_weight,
+    rope_position_ids,
+    run_prefix,
+    run_suffix,
+)
+
+
+class HiddenHead:
+    """LM-head outputs from hidden states [B, T, D], only at the rows asked for.
+
+    Every method takes target positions (b [M], t [M]) and reads row t - 1 (the causal shift).
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, coord_ids: Tensor):
+        self.hidden, self.weight, self.coord_ids = hidden, weight, coord_ids
+
+    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:  # [M, K]
+        return coord_slice_logits(self.hidden[b, t - 1], self.weight, self.coord_ids)
+
+    def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
+        return vocab_logsumexp(self.hidden[b, t - 1], self.weight, temperature=temperature)
+
+    def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:  # [M]
+        return label_logits(self.hidden[b, t - 1], self.weight, labels)
+
+
+class LogitsHead:
+    """The same outputs read from full logits [B, T, V] (the reference path)."""
+
+    def __init__(self, logits: Tensor, coord_ids: Tensor):
+        self.logits, self.coord_ids = logits, coord_ids
+
+    def _rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, V]
+        return self.logits[b, t - 1].to(compute_dtype(self.logits))
+
+    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:
+        return self._rows(b, t)[:, self.coord_ids]
+
+    def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:
+        return (self._rows(b, t) / temperature).logsumexp(-1)
+
+    def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return self._rows(b, t).gather(-1, labels[:, None])[:, 0]
+
+
+@dataclass
+class SoftContextOutput:
+    first: HiddenHead | LogitsHead  # A1: ground-truth context
+    final: HiddenHead | LogitsHead  # the last pass (the same object when n = 1)
+    first_coord_logits: Tensor | None = None  # [N, K] A1 at the coord slots (None when n = 1)
+    # per later pass: the replacement embeddings [N, D] it received, float32
+    replacements: list[Tensor] = field(default_factory=list)
+
+
+def context_embeddings(coord_logits: Tensor, table: Tensor, mode: str,
+                       temperature: float) -> Tensor:
+    """Replacement embeddings from coord distributions: [N, K] logits, [K, D] table -> [N, D].
+
+    soft: softmax(s / tau) @ E; hard: E[argmax s]; st: the hard embedding forward (exactly),
+    the soft one's gradient backward.
+    """
+    soft = coord_probs(coord_logits, temperature) @ table  # [N, D]
+    if mode == "soft":
+        return soft
+    hard = table[coord_logits.argmax(-1)]  # [N, D]
+    if mode == "hard":
+        return hard
+    if mode == "st":
+        return straight_through(hard, soft)
+    raise ValueError(f"coord_ctx_embed_mode must be st, soft or hard, got {mode!r}")
+
+
+def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
+                         s: Stage2ABConfig) -> SoftContextOutput:
+    """Run the n passes of Channel A with `s.channel_a_impl` and return their LM heads."""
+    table = input_embeddings(model)(coord_ids)  # [K, D]: through the module, so hooks apply
+    table = table.to(compute_dtype(table))
+    slots = (batch.coord_b, batch.coord_t)
+    weight = lm_head_weight(model)
+    if s.channel_a_impl == "fast":
+        mm = embed_multimodal(model, batch.inputs)
+        # the prefix ends at the first coord slot; without slots every pass equals A1
+        length = int(batch.coord_t.min()) if len(batch.coord_t) else mm.embeds.shape[1]
+        run = _fast_runner(model, mm, length)
+        base = mm.embeds
+        make_head = lambda h: HiddenHead(h, weight, coord_ids)
+    else:
+        pos = rope_position_ids(model, batch.inputs)
+        base = input_embeddings(model)(batch.inputs["input_ids"])  # image rows stay placeholders
+        run = lambda e: _full_logits(model, batch.inputs, e, pos)
+        make_head = lambda z: LogitsHead(z, coord_ids)
+    first = make_head(run(base))
+    out = SoftContextOutput(first, first)
+    if s.n_softctx_iter == 1 or len(batch.coord_t) == 0:
+        return out
+    detach = s.softctx_grad_mode == "em_detach"
+    prev = first
+    for m in range(1, s.n_softctx_iter):
+        last = m == s.n_softctx_iter - 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (last or not detach)):
+            logits = prev.coord_logits(*slots)  # [N, K]
+            if m == 1:
+                out.first_coord_logits = logits
+            ctx = context_embeddings(logits, table, s.coord_ctx_embed_mode,
+                                     s.softctx_temperature)  # [N, D]
+            if detach:
+                ctx = ctx.detach()
+            out.replacements.append(ctx)
+            prev = make_head(run(base.index_put(slots, ctx.to(base.dtype))))
+    out.final = prev
+    return out
+
+
+def _fast_runner(model, mm, prefix_length: int):
+    """A pass = the shared prefix (computed here, once) + a fresh suffix call."""
+    prefix = run_prefix(model, mm, prefix_length)
+    if prefix_length == mm.embeds.shape[1]:
+        return lambda embeds: prefix.hidden
+    return lambda embeds: run_suffix(model, mm, prefix, embeds)
+
+
+def _full_logits(model, inputs: dict[str, Tensor], embeds: Tensor, pos: Tensor) -> Tensor:
+    """The plain pass: full model (vision tower included) from embeddings, logits [B, T, V]."""
+    return model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=pos,
+                 pixel_values=inputs.get("pixel_values"),
+                 image_grid_thw=inputs.get("image_grid_thw"), use_cache=False).logits
