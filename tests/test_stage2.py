@@ -6,12 +6,19 @@ behind a loose tolerance. In float64 fast and reference agree to ~1e-8 relative.
 """
 
 import dataclasses
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from coordexp.codec import CoordCodec
-from coordexp.config import Config, CoordSoftCEW1Config, Stage2ABConfig
+from coordexp.config import Config, CoordSoftCEW1Config, Stage2ABConfig, load_config
 from coordexp.data.collate import COORD, STRUCT, Batch, Collator
 from coordexp.data.records import Record, read_records
 from coordexp.data.synthetic import SynthSpec, make_scene
@@ -19,6 +26,7 @@ from coordexp.diagnostics import finalize_stats
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.train.channel_a import context_embeddings, soft_context_forward
+from coordexp.train.loop import train
 from coordexp.train.stage1 import stage1_step
 from coordexp.train.stage2 import channel_a_step
 
@@ -245,3 +253,95 @@ def test_step_logs_every_channel_a_name(setup):
         values["loss/token_ce_self_context"]
     assert values["loss/token_ce"] == pytest.approx(token_ce)
     assert values["loss"] == pytest.approx(token_ce + geo + values["loss/coord_reg"])
+
+
+# -- two processes --------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "logging.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_same_channel_and_match_one(synth_dir, tmp_path):
+    """b_ratio 0.5 over 2 steps (A, B): under torchrun both ranks take the same channel
+    (a split would log channel_b 0.5) and every metric equals the one-process reduction."""
+    common = ["model.init_tiny=qwen2_5_vl", "training.stage=stage2_ab", "training.max_steps=2",
+              f"data.train={synth_dir / 'train.jsonl'}", "training.per_device_batch_size=2",
+              "training.effective_batch_size=4", "training.save_steps=3",
+              "training.warmup_ratio=0", "stage2_ab.schedule.b_ratio=0.5",
+              "stage2_ab.text_gate_weight=0.1", "rollout.max_new_tokens=12"]
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={_free_port()}", "-m", "coordexp", "train", str(cfg_file),
+                    *common, f"training.output_dir={tmp_path / 'ddp'}"], check=True, env=env,
+                   capture_output=True)
+    single = train(load_config(None, common + [f"training.output_dir={tmp_path / 'one'}"]))
+    ddp_rows, one_rows = _train_rows(tmp_path / "ddp" / "run"), _train_rows(single)
+    assert [r["stage2/channel_b"] for r in ddp_rows] == [0.0, 1.0]
+    assert [r["stage2/channel_a"] for r in ddp_rows] == [1.0, 0.0]
+    assert any(k.startswith("rollout/") for k in ddp_rows[1])
+    for a, b in zip(ddp_rows, one_rows, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"step", "kind", "time", "rollout/gen_tokens_per_s"}:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+# -- the tiny twins of the seed recipes --------------------------------------------------------
+TRAIN_NAMES = (
+    "loss/token_ce", "loss/token_ce_anchor", "loss/struct_ce", "loss/desc_ce",
+    "loss/token_ce_self_context", "loss/bbox_smoothl1", "loss/bbox_ciou", "loss/geo",
+    "loss/coord_token_ce", "loss/coord_soft_ce", "loss/coord_w1", "loss/coord_gate",
+    "loss/text_gate", "loss/coord_reg", "loss", "grad_norm", "learning_rate",
+    "coord_diag/p_gt_mean", "coord_diag/acc_top5", "coord_diag/margin_mean",
+    "coord_diag/expected_bin_mae", "coord_diag/expected_bin_abs_err_p90",
+    "coord_diag/coord_vocab_mass_mean", "coord_diag/coord_tokens", "stage2/channel_a",
+    "stage2/channel_b", "stage2_ab/b_ratio_realized")
+EVAL_NAMES = (
+    "rollout/mAP", "rollout/AP50", "rollout/AP75", "rollout/f1", "rollout/precision",
+    "rollout/recall", "rollout/pred_objects", "rollout/gt_objects_total", "rollout/matched",
+    "rollout/fp_total", "rollout/fn_total", "rollout/gating_rejections",
+    "rollout/matched_maskiou_mean", "rollout/parse_dropped_invalid",
+    "rollout/parse_dropped_ambiguous", "rollout/parse_truncated_rate",
+    "rollout/sample_valid_pred_rate")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(synth_dir, tmp_path_factory):
+    """A (briefly trained) Stage-1 checkpoint of the demo's model family."""
+    out = tmp_path_factory.mktemp("stage1")
+    run = train(load_config(None, [
+        "model.init_tiny=qwen3_vl", "model.coord_embed_init=ordinal", "training.max_steps=2",
+        "training.save_steps=2", "training.effective_batch_size=4",
+        "training.per_device_batch_size=4", f"data.train={synth_dir / 'train.jsonl'}",
+        f"training.output_dir={out}"]))
+    return run / "checkpoints" / "step_000002"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["desc_first_a_only", "ab_mixed"])
+def test_tiny_twin_runs_from_a_stage1_checkpoint(name, stage1_checkpoint, synth_dir, tmp_path):
+    cfg = load_config(CONFIGS / "tiny" / f"{name}.yaml", [
+        f"model.path={stage1_checkpoint}", f"data.train={synth_dir / 'train.jsonl'}",
+        f"data.val={synth_dir / 'val.jsonl'}", f"training.output_dir={tmp_path}",
+        "training.max_steps=3", "data.val_limit=4", "rollout.max_new_tokens=32"])
+    run = train(cfg)
+    rows = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    eval_rows = [r for r in rows if r["kind"] == "eval"]
+    assert set(TRAIN_NAMES) <= set().union(*train_rows)  # over the run: A and B steps differ
+    assert set(EVAL_NAMES) <= set(eval_rows[-1])
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert [r["stage2/channel_b"] for r in train_rows] == (
+        [0.0, 0.0, 0.0] if name == "desc_first_a_only" else [0.0, 1.0, 1.0])
+    dump = json.loads((run / "monitor_dumps" / "step_000003.json").read_text())
+    assert dump["global_step"] == 3 and dump["samples"]

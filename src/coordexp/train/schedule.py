@@ -42,5 +42,6 @@ def realized_b_ratio(step: int, b_ratio: float, window: int = REALIZED_WINDOW) -
 def schedule_stats(step: int, b_ratio: float) -> dict[str, torch.Tensor]:
     """stage2/channel_a, stage2/channel_b (1 or 0 per micro-batch) and the realized ratio."""
     b = float(is_channel_b(step, b_ratio))
+    realized = torch.tensor(realized_b_ratio(step, b_ratio), dtype=torch.float64)
     return {"stage2/channel_a": stat(1.0 - b, 1), "stage2/channel_b": stat(b, 1),
-            "stage2_ab/b_ratio_realized": stat(realized_b_ratio(step, b_ratio), 1)}
+            "stage2_ab/b_ratio_realized": stat(realized, 1)}
