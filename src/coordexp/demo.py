@@ -16,16 +16,16 @@ from coordexp.data.synthetic import SynthSpec, synthesize
 from coordexp.errors import UserError
 
 # Calibrated on a 2-core CPU (see docs/ARCHITECTURE.md, "Demo calibration").
-TASK = SynthSpec(image_size=112, min_objects=1, max_objects=3, colours=("red", "green", "blue"),
-                 shapes=("circle", "square"), min_size_frac=0.3, max_size_frac=0.6,
-                 crowded_share=0.0)
+TASK = SynthSpec(image_size=112, min_objects=1, max_objects=3,
+                 colours=("red", "green", "blue", "yellow"), shapes=("square",),
+                 min_size_frac=0.3, max_size_frac=0.6, crowded_share=0.0)
 N_TRAIN, N_VAL = 3000, 64
 STAGE1_SHARE = 0.75  # of the training minutes; the rest goes to Stage 2 AB
 
 STAGE1 = {
     "model": {"init_tiny": "qwen3_vl", "coord_embed_init": "ordinal"},
     "training": {"stage": "stage1", "run_name": "stage1", "max_steps": 100_000,
-                 "effective_batch_size": 16, "per_device_batch_size": 16,
+                 "effective_batch_size": 8, "per_device_batch_size": 8,
                  "learning_rate": 1e-3, "vit_lr": 1e-3, "aligner_lr": 1e-3,
                  "warmup_ratio": 0.02, "eval_steps": 100_000, "save_steps": 100_000,
                  "metric_for_best": "rollout/AP50"},
@@ -59,7 +59,8 @@ def _eval_rows(run_dir: Path) -> list[dict]:
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
     keys = ["rollout/AP50", "rollout/mAP", "rollout/f1", "rollout/precision", "rollout/recall",
-            "rollout/pred_objects", "rollout/gt_objects_total", "rollout/parse_invalid_rollout_rate"]
+            "rollout/pred_objects", "rollout/gt_objects_total",
+            "rollout/parse_invalid_rollout_rate"]
     head = ["stage", "step"] + [k.split("/")[1] for k in keys]
     lines = [" | ".join(f"{h:>10}" for h in head)]
     for stage, r in rows:

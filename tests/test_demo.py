@@ -1,0 +1,35 @@
+"""`coordexp demo`, shrunk: every stage runs, the eval table prints, the run artifacts exist."""
+
+import json
+
+import pytest
+
+from coordexp import demo
+from coordexp.cli import main
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "N_TRAIN", 48)
+    monkeypatch.setattr(demo, "N_VAL", 6)
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.15"]) == 0
+    printed = capsys.readouterr().out
+    assert "[demo] task:" in printed and "AP50" in printed
+    for run in ("stage1", "stage2_ab"):
+        run_dir = tmp_path / run
+        for name in ("run_metadata.json", "resolved_config.yaml", "logging.jsonl"):
+            assert (run_dir / name).is_file(), (run, name)
+        rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
+        assert any(r["kind"] == "eval" and "rollout/AP50" in r for r in rows)
+        assert any((run_dir / "monitor_dumps").glob("step_*.json"))
+        assert (run_dir / "report" / "report.html").is_file()
+    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.15"]) == 2  # no overwrite
+
+
+def test_demo_refuses_to_overwrite_and_bad_minutes(tmp_path, capsys):
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "logging.jsonl").write_text("")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--out", str(tmp_path / "x"), "--minutes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a demo run" in err and "--minutes must be > 0" in err
