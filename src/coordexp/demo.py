@@ -37,7 +37,8 @@ STAGE1 = {
 }
 STAGE2 = {
     "training": {"stage": "stage2_ab", "run_name": "stage2_ab", "learning_rate": 2e-4,
-                 "vit_lr": 2e-4, "aligner_lr": 2e-4, "warmup_ratio": 0.0},
+                 "vit_lr": 2e-4, "aligner_lr": 2e-4, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
+                 "eval_steps": 50, "save_steps": 50},
     "stage2_ab": {"schedule": {"b_ratio": 0.5}, "n_softctx_iter": 2,
                   "bbox_smoothl1_weight": 2.0, "bbox_ciou_weight": 0.2, "coord_gate_weight": 1.0,
                   "text_gate_weight": 0.1},
@@ -55,6 +56,14 @@ def _merge(a: dict, b: dict) -> dict:
 def _eval_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "eval"]
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint with the best eval metric if it was kept, else the last one."""
+    last = sorted((run_dir / "checkpoints").glob("step_??????"))[-1]
+    best_step = json.loads((last / "trainer_state.json").read_text())["best_step"]
+    best = run_dir / "checkpoints" / f"step_{best_step:06d}" if best_step else last
+    return best if best.is_dir() else last
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:
@@ -126,7 +135,7 @@ def run_demo(out: str | Path, minutes: float = 10.0) -> int:
     print(f"[demo] Stage 1: {per_step:.3f} s/step measured here -> {steps} steps "
           f"(~{s1_minutes:.1f} min), eval every {every}")
     run1 = train(cfg1)
-    s1_ckpt = sorted((run1 / "checkpoints").glob("step_*"))[-1]
+    s1_ckpt = best_checkpoint(run1)
     s2_minutes = minutes - s1_minutes
     stage2 = _merge(_merge(STAGE1, data), STAGE2)
     stage2 = _merge(stage2, {"model": {"init_tiny": "", "path": str(s1_ckpt)},
