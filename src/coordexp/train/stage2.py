@@ -54,19 +54,30 @@ def text_rows(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     return b, t, batch.token_type[b, t] == STRUCT
 
 
-def text_outputs(head: Head, batch: Batch, rows, gate_temperature: float
-                 ) -> tuple[Tensor, Tensor]:
-    """Token CE [M] at the text rows and the full-vocab lse [M] the text gate needs."""
-    b, t, _ = rows
-    lse = head.vocab_lse(b, t)  # [M]
-    ce = lse - head.label_logits(b, t, batch.labels[b, t])
-    gate_lse = lse if gate_temperature == 1.0 else head.vocab_lse(b, t, gate_temperature)
-    return ce, gate_lse
+def text_ce(head: Head, batch: Batch, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Token CE [M] at target positions (b, t) and the full-vocabulary lse [M] it used."""
+    lse = head.vocab_lse(b, t)
+    return lse - head.label_logits(b, t, batch.labels[b, t]), lse
 
 
-def supervised_terms(head: Head, batch: Batch, rows, gate_lse: Tensor, cfg: Config
-                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Coord, box and text-gate terms (unweighted) and coord_diag, from one pass's head."""
+def text_gate_term(head: Head, b: Tensor, t: Tensor, cfg: Config,
+                   known_lse: Tensor | None = None) -> Tensor:
+    """The text gate, mean -log(1 - coord mass), at text positions (b, t). known_lse: the
+    temperature-1 lse of the first rows, already computed for a CE. With weight 0 the term is
+    only logged, so it is computed without a graph."""
+    tau = cfg.coord_soft_ce_w1.temperature
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.stage2_ab.text_gate_weight > 0):
+        if tau == 1.0 and known_lse is not None:
+            k = len(known_lse)
+            lse = torch.cat([known_lse, head.vocab_lse(b[k:], t[k:])])
+        else:
+            lse = head.vocab_lse(b, t, tau)
+        return text_gate_from_lse(head.coord_logits(b, t), lse, temperature=tau)
+
+
+def slot_terms(head: Head, batch: Batch, cfg: Config
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Coord and box terms (unweighted) and coord_diag at the supervised coord slots."""
     c, s = cfg.coord_soft_ce_w1, cfg.stage2_ab
     b, t = batch.coord_b, batch.coord_t
     coord_logits = head.coord_logits(b, t)  # [N, K]
@@ -74,8 +85,6 @@ def supervised_terms(head: Head, batch: Batch, rows, gate_lse: Tensor, cfg: Conf
     terms = coord_terms(coord_logits, lse, batch.coord_bins, sigma=c.target_sigma,
                         truncate=c.target_truncate, temperature=c.temperature,
                         decode_mode=s.coord_decode_mode, decode_temperature=s.softctx_temperature)
-    terms["loss/text_gate"] = text_gate_from_lse(head.coord_logits(*rows[:2]), gate_lse,
-                                                 temperature=c.temperature)
     with torch.no_grad():
         diag_lse = lse if s.softctx_temperature == c.temperature else \
             head.vocab_lse(b, t, s.softctx_temperature)
@@ -103,23 +112,28 @@ def _mean_stat(values: Tensor, mask: Tensor) -> Tensor:
 
 # -- the channels ----------------------------------------------------------------------------
 def channel_a_step(model, batch: Batch, cfg: Config, coord_ids: Tensor) -> StepOutput:
-    s, c = cfg.stage2_ab, cfg.coord_soft_ce_w1
+    s = cfg.stage2_ab
     passes = soft_context_forward(model, batch, coord_ids, s)
-    rows = text_rows(batch)
-    is_struct = rows[2]
-    ce_first, gate_lse = text_outputs(passes.first, batch, rows, c.temperature)
+    b, t, is_struct = text_rows(batch)
+    ce_first, lse_first = text_ce(passes.first, batch, b, t)
     anchor = weighted_mean(ce_first, torch.where(is_struct, 1.0, s.desc_ce_weight))
-    stats = {"loss/token_ce_anchor": stat(anchor, len(is_struct)),
+    stats = {"loss/token_ce_anchor": stat(anchor, len(b)),
              "loss/struct_ce": _mean_stat(ce_first, is_struct),
              "loss/desc_ce": _mean_stat(ce_first, ~is_struct)}
-    token_ce = anchor
-    if passes.final is not passes.first:  # n > 1: the struct / end-of-turn stabiliser
-        ce_final, gate_lse = text_outputs(passes.final, batch, rows, c.temperature)
-        self_context = weighted_mean(ce_final, is_struct.float())
-        stats["loss/token_ce_self_context"] = stat(self_context, int(is_struct.sum()))
+    if passes.final is passes.first:  # n = 1
+        token_ce = anchor
+        text_gate = text_gate_term(passes.first, b, t, cfg, known_lse=lse_first)
+    else:  # the struct / end-of-turn stabiliser on the final pass; desc rows only for the gate
+        sb, st, db, dt = b[is_struct], t[is_struct], b[~is_struct], t[~is_struct]
+        ce_final, lse_final = text_ce(passes.final, batch, sb, st)
+        self_context = weighted_mean(ce_final, torch.ones_like(ce_final))
+        stats["loss/token_ce_self_context"] = stat(self_context, len(sb))
         token_ce = anchor + s.fmt_struct_ce_weight * self_context
-    terms, diag = supervised_terms(passes.final, batch, rows, gate_lse, cfg)
-    loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(is_struct), cfg)
+        text_gate = text_gate_term(passes.final, torch.cat([sb, db]), torch.cat([st, dt]), cfg,
+                                   known_lse=lse_final)
+    terms, diag = slot_terms(passes.final, batch, cfg)
+    terms["loss/text_gate"] = text_gate
+    loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(b), cfg)
     return StepOutput(loss, stats | term_stats | diag)
 
 
@@ -135,12 +149,14 @@ def channel_b_step(model, collator: Collator, records: list[Record], cfg: Config
     batch, weights = encode_targets(collator, records, targets)
     batch, weights = batch.to(coord_ids.device), weights.to(coord_ids.device)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
-    rows = text_rows(batch)
-    ce, gate_lse = text_outputs(head, batch, rows, cfg.coord_soft_ce_w1.temperature)
-    token_ce = weighted_mean(ce, weights[rows[0], rows[1]])
-    terms, diag = supervised_terms(head, batch, rows, gate_lse, cfg)
-    loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(ce), cfg)
-    stats = {"loss/struct_ce": _mean_stat(ce, rows[2]), "loss/desc_ce": _mean_stat(ce, ~rows[2])}
+    b, t, is_struct = text_rows(batch)
+    ce, lse = text_ce(head, batch, b, t)
+    token_ce = weighted_mean(ce, weights[b, t])
+    terms, diag = slot_terms(head, batch, cfg)
+    terms["loss/text_gate"] = text_gate_term(head, b, t, cfg, known_lse=lse)
+    loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(b), cfg)
+    stats = {"loss/struct_ce": _mean_stat(ce, is_struct),
+             "loss/desc_ce": _mean_stat(ce, ~is_struct)}
     return StepOutput(loss, stats | term_stats | diag | rollout_stats(targets, seconds))
 
 
