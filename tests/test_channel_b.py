@@ -249,3 +249,17 @@ def test_real_rollouts_feed_a_step_and_the_schedule_routes_channels(model, recor
     assert values["stage2/channel_b"] == 1.0 and values["stage2_ab/b_ratio_realized"] == 0.5
     assert values["rollout/gen_new_tokens_mean"] <= 6
     assert torch.isfinite(b.loss)
+
+
+@pytest.mark.parametrize(("rollout", "expected"), [
+    ('{"objects": []}', '{"objects": []}'),
+    (f'{{"objects": [{FP}]}}', f'{{"objects": [{FP}]}}'),  # a false positive, nothing missed
+])
+def test_image_without_objects(rollout, expected, record, collator):
+    empty = Record(record.image, record.width, record.height, (), record.root)
+    target = build_target(rollout_of(rollout, collator.tokenizer), empty, collator, config())
+    assert target.text == expected
+    assert COORD not in target.types and target.counts["gt"] == 0
+    closure = len(collator.answer_tokens("]}")[0])  # `]}` and the end of turn
+    assert target.types[-closure:] == [STRUCT] * closure
+    assert set(target.types[:-closure]) == {0}  # nothing else is supervised

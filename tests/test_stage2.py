@@ -51,7 +51,9 @@ def setup(request, tiny_tokenizer, synth_dir, tmp_path_factory):
     first = next(r for r in records if len(r.objects) >= 2)
     pair = [first, next(r for r in records if len(r.objects) > len(first.objects))]  # padding
     big = _big_image_record(tmp_path_factory.mktemp("big"))
-    batches = {"same": collator(pair), "mixed": collator([pair[0], big])}
+    empty = dataclasses.replace(pair[0], objects=())
+    batches = {"same": collator(pair), "mixed": collator([pair[0], big]),
+               "one_empty": collator([empty, pair[1]]), "all_empty": collator([empty, empty])}
     batches["none"] = without_images(batches["same"], model.config.image_token_id)
     for batch in batches.values():
         if "pixel_values" in batch.inputs:
@@ -108,6 +110,22 @@ def test_fast_equals_reference_losses_and_every_gradient(setup, n, grad_mode, im
     for key, ref in grads_r.items():  # float32 RMSNorm inside: ~4e-8 of each tensor's scale
         scale = float(ref.abs().max())
         torch.testing.assert_close(grads_f[key], ref, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("images", ["one_empty", "all_empty"])
+def test_fast_equals_reference_with_empty_samples(setup, images):
+    """A sample without objects is shorter than the shared prefix (padding inside it); a batch
+    without any coord slot runs one pass and logs no coord terms."""
+    model, _, coord_ids, batches = setup
+    (loss_f, stats_f, grads_f), (loss_r, stats_r, grads_r) = [
+        run_step(model, batches[images], coord_ids, a_config(channel_a_impl=impl))
+        for impl in ("fast", "reference")]
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-10, atol=1e-10)
+    assert stats_f.keys() == stats_r.keys()
+    assert ("loss/coord_soft_ce" in stats_f) == (images == "one_empty")
+    for key, ref in grads_r.items():
+        torch.testing.assert_close(grads_f[key], ref, rtol=1e-5,
+                                   atol=1e-6 * float(ref.abs().max()))
 
 
 def test_mixed_batch_prefix_ends_inside_an_image(setup):

@@ -101,30 +101,18 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
     """Run the n passes of Channel A with `s.channel_a_impl` and return their LM heads."""
     table = input_embeddings(model)(coord_ids)  # [K, D]: through the module, so hooks apply
     table = table.to(compute_dtype(table))
-    slots = (batch.coord_b, batch.coord_t)
-    weight = lm_head_weight(model)
-    if s.channel_a_impl == "fast":
-        mm = embed_multimodal(model, batch.inputs)
-        # the prefix ends at the first coord slot; without slots every pass equals A1
-        length = int(batch.coord_t.min()) if len(batch.coord_t) else mm.embeds.shape[1]
-        run = _fast_runner(model, mm, length)
-        base = mm.embeds
-        make_head = lambda h: HiddenHead(h, weight, coord_ids)
-    else:
-        pos = rope_position_ids(model, batch.inputs)
-        base = input_embeddings(model)(batch.inputs["input_ids"])  # image rows stay placeholders
-        run = lambda e: _full_logits(model, batch.inputs, e, pos)
-        make_head = lambda z: LogitsHead(z, coord_ids)
-    first = make_head(run(base))
+    base, run = (_fast_passes if s.channel_a_impl == "fast" else _reference_passes)(
+        model, batch, coord_ids)
+    first = run(base)
     out = SoftContextOutput(first, first)
-    if s.n_softctx_iter == 1 or len(batch.coord_t) == 0:
+    if s.n_softctx_iter == 1 or len(batch.coord_t) == 0:  # without slots every pass is A1
         return out
+    slots = (batch.coord_b, batch.coord_t)
     detach = s.softctx_grad_mode == "em_detach"
-    prev = first
     for m in range(1, s.n_softctx_iter):
         last = m == s.n_softctx_iter - 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and (last or not detach)):
-            logits = prev.coord_logits(*slots)  # [N, K]
+            logits = out.final.coord_logits(*slots)  # [N, K] of the previous pass
             if m == 1:
                 out.first_coord_logits = logits
             ctx = context_embeddings(logits, table, s.coord_ctx_embed_mode,
@@ -132,21 +120,36 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
             if detach:
                 ctx = ctx.detach()
             out.replacements.append(ctx)
-            prev = make_head(run(base.index_put(slots, ctx.to(base.dtype))))
-    out.final = prev
+            out.final = run(base.index_put(slots, ctx.to(base.dtype)))
     return out
 
 
-def _fast_runner(model, mm, prefix_length: int):
-    """A pass = the shared prefix (computed here, once) + a fresh suffix call."""
-    prefix = run_prefix(model, mm, prefix_length)
-    if prefix_length == mm.embeds.shape[1]:
-        return lambda embeds: prefix.hidden
-    return lambda embeds: run_suffix(model, mm, prefix, embeds)
+def _fast_passes(model, batch: Batch, coord_ids: Tensor):
+    """Vision tower and prefix (up to the first coord slot) once, here; every pass then runs
+    only the suffix. Returns the base embeddings and embeddings -> HiddenHead."""
+    mm = embed_multimodal(model, batch.inputs)
+    total = mm.embeds.shape[1]
+    length = int(batch.coord_t.min()) if len(batch.coord_t) else total
+    prefix = run_prefix(model, mm, length)
+    weight = lm_head_weight(model)
+
+    def run(embeds: Tensor) -> HiddenHead:
+        hidden = prefix.hidden if length == total else run_suffix(model, mm, prefix, embeds)
+        return HiddenHead(hidden, weight, coord_ids)
+
+    return mm.embeds, run
 
 
-def _full_logits(model, inputs: dict[str, Tensor], embeds: Tensor, pos: Tensor) -> Tensor:
-    """The plain pass: full model (vision tower included) from embeddings, logits [B, T, V]."""
-    return model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], position_ids=pos,
-                 pixel_values=inputs.get("pixel_values"),
-                 image_grid_thw=inputs.get("image_grid_thw"), use_cache=False).logits
+def _reference_passes(model, batch: Batch, coord_ids: Tensor):
+    """Every pass is the full model (vision tower included) with full logits [B, T, V]. Image
+    rows keep their placeholder embeddings: the model finds them by value and splices."""
+    inputs = batch.inputs
+    pos = rope_position_ids(model, inputs)  # explicit: inputs_embeds alone gets them wrong
+
+    def run(embeds: Tensor) -> LogitsHead:
+        logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                       position_ids=pos, pixel_values=inputs.get("pixel_values"),
+                       image_grid_thw=inputs.get("image_grid_thw"), use_cache=False).logits
+        return LogitsHead(logits, coord_ids)
+
+    return input_embeddings(model)(inputs["input_ids"]), run
