@@ -128,6 +128,26 @@ def test_fast_equals_reference_with_empty_samples(setup, images):
                                    atol=1e-6 * float(ref.abs().max()))
 
 
+def test_fast_equals_reference_at_other_temperatures(setup):
+    """coord_soft_ce_w1.temperature != 1 takes the coord lse out of the joint LM-head call,
+    softctx_temperature != coord temperature gives coord_diag its own lse."""
+    model, _, coord_ids, batches = setup
+    c = dataclasses.replace(SEED_COORD, temperature=0.7)
+    (loss_f, stats_f, grads_f), (loss_r, stats_r, grads_r) = [
+        run_step(model, batches["same"], coord_ids, Config(
+            coord_soft_ce_w1=c, stage2_ab=Stage2ABConfig(**(SEED_OBJECTIVE | dict(
+                channel_a_impl=impl, softctx_temperature=1.3)))))
+        for impl in ("fast", "reference")]
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-10, atol=1e-10)
+    for key in stats_r:
+        assert stats_f[key] == pytest.approx(stats_r[key], rel=1e-8, abs=1e-8), key
+    for key, ref in grads_r.items():
+        torch.testing.assert_close(grads_f[key], ref, rtol=1e-5,
+                                   atol=1e-6 * float(ref.abs().max()))
+    base = run_step(model, batches["same"], coord_ids, a_config())[1]
+    assert stats_f["loss/coord_gate"] != pytest.approx(base["loss/coord_gate"])
+
+
 def test_mixed_batch_prefix_ends_inside_an_image(setup):
     model, _, _, batches = setup
     batch = batches["mixed"]

@@ -40,14 +40,20 @@ class HiddenHead:
     def __init__(self, hidden: Tensor, weight: Tensor, coord_ids: Tensor):
         self.hidden, self.weight, self.coord_ids = hidden, weight, coord_ids
 
-    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:  # [M, K]
-        return coord_slice_logits(self.hidden[b, t - 1], self.weight, self.coord_ids)
+    def rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, D]
+        return self.hidden[b, t - 1]
+
+    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
+        return vocab_logsumexp(rows, self.weight, temperature=temperature)
 
     def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
-        return vocab_logsumexp(self.hidden[b, t - 1], self.weight, temperature=temperature)
+        return self.lse_of_rows(self.rows(b, t), temperature)
+
+    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:  # [M, K]
+        return coord_slice_logits(self.rows(b, t), self.weight, self.coord_ids)
 
     def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:  # [M]
-        return label_logits(self.hidden[b, t - 1], self.weight, labels)
+        return label_logits(self.rows(b, t), self.weight, labels)
 
 
 class LogitsHead:
@@ -56,23 +62,39 @@ class LogitsHead:
     def __init__(self, logits: Tensor, coord_ids: Tensor):
         self.logits, self.coord_ids = logits, coord_ids
 
-    def _rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, V]
+    def rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, V]
         return self.logits[b, t - 1].to(compute_dtype(self.logits))
 
-    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:
-        return self._rows(b, t)[:, self.coord_ids]
+    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
+        return (rows / temperature).logsumexp(-1)
 
     def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:
-        return (self._rows(b, t) / temperature).logsumexp(-1)
+        return self.lse_of_rows(self.rows(b, t), temperature)
+
+    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:
+        return self.rows(b, t)[:, self.coord_ids]
 
     def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        return self._rows(b, t).gather(-1, labels[:, None])[:, 0]
+        return self.rows(b, t).gather(-1, labels[:, None])[:, 0]
+
+
+Head = HiddenHead | LogitsHead
+
+
+def joint_vocab_lse(queries: dict[str, tuple[Head, Tensor, Tensor]],
+                    temperature: float = 1.0) -> dict[str, Tensor]:
+    """vocab_lse of several (head, b, t) row sets of one model in a single LM-head call: one
+    pass over the vocabulary and one weight-gradient buffer instead of one per set."""
+    heads = [q[0] for q in queries.values()]
+    rows = torch.cat([head.rows(b, t) for head, b, t in queries.values()])
+    lse = heads[0].lse_of_rows(rows, temperature)
+    return dict(zip(queries, lse.split([len(b) for _, b, _ in queries.values()]), strict=True))
 
 
 @dataclass
 class SoftContextOutput:
-    first: HiddenHead | LogitsHead  # A1: ground-truth context
-    final: HiddenHead | LogitsHead  # the last pass (the same object when n = 1)
+    first: Head  # A1: ground-truth context
+    final: Head  # the last pass (the same object when n = 1)
     first_coord_logits: Tensor | None = None  # [N, K] A1 at the coord slots (None when n = 1)
     # per later pass: the replacement embeddings [N, D] it received, float32
     replacements: list[Tensor] = field(default_factory=list)

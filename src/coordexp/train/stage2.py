@@ -22,13 +22,12 @@ from coordexp.diagnostics import coord_diag
 from coordexp.losses import text_gate_from_lse, weighted_mean
 from coordexp.model.adapter import hidden_states, lm_head_weight
 from coordexp.rollout import generate_rollouts
-from coordexp.train.channel_a import HiddenHead, LogitsHead, soft_context_forward
+from coordexp.train.channel_a import Head, HiddenHead, joint_vocab_lse, soft_context_forward
 from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
 from coordexp.train.schedule import is_channel_b, schedule_stats
 from coordexp.train.stage1 import coord_terms
 from coordexp.train.step import StepOutput, stat
 
-Head = HiddenHead | LogitsHead
 COORD_REG = ("loss/coord_token_ce", "loss/coord_soft_ce", "loss/coord_w1", "loss/coord_gate",
              "loss/text_gate")
 GEO = ("loss/bbox_smoothl1", "loss/bbox_ciou")
@@ -54,10 +53,9 @@ def text_rows(batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     return b, t, batch.token_type[b, t] == STRUCT
 
 
-def text_ce(head: Head, batch: Batch, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Token CE [M] at target positions (b, t) and the full-vocabulary lse [M] it used."""
-    lse = head.vocab_lse(b, t)
-    return lse - head.label_logits(b, t, batch.labels[b, t]), lse
+def text_ce(head: Head, batch: Batch, b: Tensor, t: Tensor, lse: Tensor) -> Tensor:
+    """Token CE [M] at target positions (b, t), given their full-vocabulary lse [M]."""
+    return lse - head.label_logits(b, t, batch.labels[b, t])
 
 
 def text_gate_term(head: Head, b: Tensor, t: Tensor, cfg: Config,
@@ -75,13 +73,14 @@ def text_gate_term(head: Head, b: Tensor, t: Tensor, cfg: Config,
         return text_gate_from_lse(head.coord_logits(b, t), lse, temperature=tau)
 
 
-def slot_terms(head: Head, batch: Batch, cfg: Config
+def slot_terms(head: Head, batch: Batch, cfg: Config, lse: Tensor | None = None
                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Coord and box terms (unweighted) and coord_diag at the supervised coord slots."""
+    """Coord and box terms (unweighted) and coord_diag at the supervised coord slots; lse:
+    their full-vocabulary lse at coord_soft_ce_w1.temperature, if already computed."""
     c, s = cfg.coord_soft_ce_w1, cfg.stage2_ab
     b, t = batch.coord_b, batch.coord_t
     coord_logits = head.coord_logits(b, t)  # [N, K]
-    lse = head.vocab_lse(b, t, c.temperature)  # [N]
+    lse = head.vocab_lse(b, t, c.temperature) if lse is None else lse  # [N]
     terms = coord_terms(coord_logits, lse, batch.coord_bins, sigma=c.target_sigma,
                         truncate=c.target_truncate, temperature=c.temperature,
                         decode_mode=s.coord_decode_mode, decode_temperature=s.softctx_temperature)
@@ -91,6 +90,17 @@ def slot_terms(head: Head, batch: Batch, cfg: Config
     diag = coord_diag(coord_logits.detach(), batch.coord_bins, vocab_lse=diag_lse.detach(),
                       temperature=s.softctx_temperature)
     return terms, diag
+
+
+def head_lse(queries: dict[str, tuple[Head, Tensor, Tensor]], cfg: Config) -> dict[str, Tensor]:
+    """Every full-vocabulary lse a step needs in one LM-head call: the text rows' (temperature
+    1) and, when the coord temperature is 1 too, the coord slots' (key "slots")."""
+    tau = cfg.coord_soft_ce_w1.temperature
+    if tau == 1.0:
+        return joint_vocab_lse(queries)
+    head, b, t = queries["slots"]
+    text = {k: q for k, q in queries.items() if k != "slots"}
+    return joint_vocab_lse(text) | {"slots": head.vocab_lse(b, t, tau)}
 
 
 def assemble(token_ce: Tensor, terms: dict[str, Tensor], num_slots: int, num_text: int,
@@ -114,25 +124,28 @@ def _mean_stat(values: Tensor, mask: Tensor) -> Tensor:
 def channel_a_step(model, batch: Batch, cfg: Config, coord_ids: Tensor) -> StepOutput:
     s = cfg.stage2_ab
     passes = soft_context_forward(model, batch, coord_ids, s)
+    first, final, several = passes.first, passes.final, passes.final is not passes.first
     b, t, is_struct = text_rows(batch)
-    ce_first, lse_first = text_ce(passes.first, batch, b, t)
+    sb, st, db, dt = b[is_struct], t[is_struct], b[~is_struct], t[~is_struct]
+    queries = {"first": (first, b, t), "slots": (final, batch.coord_b, batch.coord_t)}
+    if several:  # the struct / end-of-turn stabiliser reads the final pass's struct rows
+        queries["final"] = (final, sb, st)
+    lse = head_lse(queries, cfg)
+    ce_first = text_ce(first, batch, b, t, lse["first"])
     anchor = weighted_mean(ce_first, torch.where(is_struct, 1.0, s.desc_ce_weight))
     stats = {"loss/token_ce_anchor": stat(anchor, len(b)),
              "loss/struct_ce": _mean_stat(ce_first, is_struct),
              "loss/desc_ce": _mean_stat(ce_first, ~is_struct)}
-    if passes.final is passes.first:  # n = 1
-        token_ce = anchor
-        text_gate = text_gate_term(passes.first, b, t, cfg, known_lse=lse_first)
-    else:  # the struct / end-of-turn stabiliser on the final pass; desc rows only for the gate
-        sb, st, db, dt = b[is_struct], t[is_struct], b[~is_struct], t[~is_struct]
-        ce_final, lse_final = text_ce(passes.final, batch, sb, st)
-        self_context = weighted_mean(ce_final, torch.ones_like(ce_final))
+    if several:
+        self_context = weighted_mean(text_ce(final, batch, sb, st, lse["final"]),
+                                     torch.ones_like(lse["final"]))
         stats["loss/token_ce_self_context"] = stat(self_context, len(sb))
         token_ce = anchor + s.fmt_struct_ce_weight * self_context
-        text_gate = text_gate_term(passes.final, torch.cat([sb, db]), torch.cat([st, dt]), cfg,
-                                   known_lse=lse_final)
-    terms, diag = slot_terms(passes.final, batch, cfg)
-    terms["loss/text_gate"] = text_gate
+        gate_rows, known = (torch.cat([sb, db]), torch.cat([st, dt])), lse["final"]
+    else:
+        token_ce, gate_rows, known = anchor, (b, t), lse["first"]
+    terms, diag = slot_terms(final, batch, cfg, lse["slots"])
+    terms["loss/text_gate"] = text_gate_term(final, *gate_rows, cfg, known_lse=known)
     loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(b), cfg)
     return StepOutput(loss, stats | term_stats | diag)
 
@@ -150,10 +163,11 @@ def channel_b_step(model, collator: Collator, records: list[Record], cfg: Config
     batch, weights = batch.to(coord_ids.device), weights.to(coord_ids.device)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
     b, t, is_struct = text_rows(batch)
-    ce, lse = text_ce(head, batch, b, t)
+    lse = head_lse({"text": (head, b, t), "slots": (head, batch.coord_b, batch.coord_t)}, cfg)
+    ce = text_ce(head, batch, b, t, lse["text"])
     token_ce = weighted_mean(ce, weights[b, t])
-    terms, diag = slot_terms(head, batch, cfg)
-    terms["loss/text_gate"] = text_gate_term(head, b, t, cfg, known_lse=lse)
+    terms, diag = slot_terms(head, batch, cfg, lse["slots"])
+    terms["loss/text_gate"] = text_gate_term(head, b, t, cfg, known_lse=lse["text"])
     loss, term_stats = assemble(token_ce, terms, len(batch.coord_bins), len(b), cfg)
     stats = {"loss/struct_ce": _mean_stat(ce, is_struct),
              "loss/desc_ce": _mean_stat(ce, ~is_struct)}
