@@ -36,9 +36,9 @@ STAGE1 = {
     "monitor_dump": {"max_samples": 8},
 }
 STAGE2 = {
-    "training": {"stage": "stage2_ab", "run_name": "stage2_ab", "learning_rate": 2e-4,
-                 "vit_lr": 2e-4, "aligner_lr": 2e-4, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
-                 "eval_steps": 50, "save_steps": 50},
+    "training": {"stage": "stage2_ab", "run_name": "stage2_ab", "learning_rate": 1e-4,
+                 "vit_lr": 1e-4, "aligner_lr": 1e-4, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
+                 "eval_steps": 200, "save_steps": 200},
     "stage2_ab": {"schedule": {"b_ratio": 0.5}, "n_softctx_iter": 2,
                   "bbox_smoothl1_weight": 2.0, "bbox_ciou_weight": 0.2, "coord_gate_weight": 1.0,
                   "text_gate_weight": 0.1},
@@ -127,8 +127,8 @@ def run_demo(out: str | Path, minutes: float = 10.0) -> int:
     s1_minutes = minutes * STAGE1_SHARE
     cfg1 = load_config(base=_merge(STAGE1, data))
     per_step = measure_step_seconds(cfg1)
-    steps = max(50, int(60 * s1_minutes / per_step))
-    every = max(50, steps // 6)
+    every = max(10, int(60 * s1_minutes / per_step) // 6)
+    steps = 6 * every  # the last eval falls on the last step
     cfg1 = load_config(base=_merge(_merge(STAGE1, data), {"training": {
         "max_steps": steps, "max_minutes": 1.2 * s1_minutes, "eval_steps": every,
         "save_steps": every}}))

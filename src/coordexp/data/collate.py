@@ -99,9 +99,10 @@ class Collator:
             types.append([0] * p + tt)
             vision.append(enc)
             prompt_lens.append(p)
-        return self._pad(records, rows, types, vision, prompt_lens)
+        return self.pad(records, rows, types, vision, prompt_lens)
 
-    def _pad(self, records, rows, types, vision, prompt_lens) -> Batch:
+    def pad(self, records, rows, types, vision, prompt_lens) -> Batch:
+        """Right-pad token rows (prompt + answer ids) and their types into one Batch."""
         B, T = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((B, T), self.pad_id)
         token_type = torch.zeros((B, T), dtype=torch.long)

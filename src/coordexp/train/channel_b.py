@@ -160,7 +160,7 @@ def encode_targets(collator: Collator, records: list[Record],
         types.append([0] * enc["input_ids"].shape[1] + target.types)
         vision.append(enc)
         prompt_lens.append(enc["input_ids"].shape[1])
-    batch = collator._pad(records, rows, types, vision, prompt_lens)
+    batch = collator.pad(records, rows, types, vision, prompt_lens)
     weights = torch.zeros(batch.token_type.shape)
     bins = torch.full(batch.token_type.shape, NO_TARGET)
     for b, (p, target) in enumerate(zip(prompt_lens, targets, strict=True)):

@@ -20,8 +20,8 @@ class StepOutput:
 
 def stat(mean: Tensor | float, count: Tensor | float) -> Tensor:
     """A (mean x count, count) pair: the mean of `count` items, weighted by that count."""
-    mean = torch.as_tensor(mean).detach().to(torch.float64)
-    count = torch.as_tensor(count).to(torch.float64)
+    mean = torch.as_tensor(mean, dtype=torch.float64).detach()  # floats stay float64
+    count = torch.as_tensor(count, dtype=torch.float64)
     return torch.stack([mean * count, count]).reshape(2)
 
 
