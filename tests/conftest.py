@@ -38,3 +38,26 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, 16, 8, seed=0, spec=SynthSpec(image_size=112, max_objects=6))
     return out
+
+
+@pytest.fixture()
+def torchrun_train(tmp_path):
+    """Run `coordexp train` in 2 processes (torchrun, gloo on CPU); returns the run directory."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def run(overrides: list[str], output_dir) -> object:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg_file = tmp_path / "empty.yaml"
+        cfg_file.write_text("{}\n")
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", "-m", "coordexp", "train", str(cfg_file),
+                        *overrides, f"training.output_dir={output_dir}"], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+        return output_dir / "run"
+
+    return run

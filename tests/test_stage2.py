@@ -8,10 +8,6 @@ behind a loose tolerance. In float64 fast and reference agree to ~1e-8 relative.
 import dataclasses
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -294,11 +290,6 @@ def test_step_logs_every_channel_a_name(setup):
 
 
 # -- two processes --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _train_rows(run_dir: Path) -> list[dict]:
     lines = (run_dir / "logging.jsonl").read_text().splitlines()
@@ -306,7 +297,7 @@ def _train_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_run_the_same_channel_and_match_one(synth_dir, tmp_path):
+def test_two_processes_run_the_same_channel_and_match_one(synth_dir, tmp_path, torchrun_train):
     """b_ratio 0.5 over 2 steps (A, B): under torchrun both ranks take the same channel
     (a split would log channel_b 0.5) and every metric equals the one-process reduction."""
     common = ["model.init_tiny=qwen2_5_vl", "training.stage=stage2_ab", "training.max_steps=2",
@@ -314,15 +305,9 @@ def test_two_processes_run_the_same_channel_and_match_one(synth_dir, tmp_path):
               "training.effective_batch_size=4", "training.save_steps=3",
               "training.warmup_ratio=0", "stage2_ab.schedule.b_ratio=0.5",
               "stage2_ab.text_gate_weight=0.1", "rollout.max_new_tokens=12"]
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("{}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", "-m", "coordexp", "train", str(cfg_file),
-                    *common, f"training.output_dir={tmp_path / 'ddp'}"], check=True, env=env,
-                   capture_output=True)
+    ddp_dir = torchrun_train(common, tmp_path / "ddp")
     single = train(load_config(None, common + [f"training.output_dir={tmp_path / 'one'}"]))
-    ddp_rows, one_rows = _train_rows(tmp_path / "ddp" / "run"), _train_rows(single)
+    ddp_rows, one_rows = _train_rows(ddp_dir), _train_rows(single)
     assert [r["stage2/channel_b"] for r in ddp_rows] == [0.0, 1.0]
     assert [r["stage2/channel_a"] for r in ddp_rows] == [1.0, 0.0]
     assert any(k.startswith("rollout/") for k in ddp_rows[1])

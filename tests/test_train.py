@@ -2,11 +2,7 @@
 agree between one process and two (torchrun, gloo)."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -121,25 +117,14 @@ def test_yaml_extends_and_float_strings(tmp_path):
     assert cfg.gradient_accumulation_steps(world_size=1) == 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
-def test_two_processes_match_one(synth_dir, tmp_path):
+def test_two_processes_match_one(synth_dir, tmp_path, torchrun_train):
     common = BASE + [f"data.train={synth_dir / 'train.jsonl'}", "training.max_steps=3",
                      "training.per_device_batch_size=2", "training.effective_batch_size=4"]
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("{}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    f"--master_port={_free_port()}", "-m", "coordexp", "train", str(cfg_file),
-                    *common, f"training.output_dir={tmp_path / 'ddp'}"], check=True, env=env,
-                   capture_output=True)
+    ddp_dir = torchrun_train(common, tmp_path / "ddp")
     single = train(load_config(None, common + [f"training.output_dir={tmp_path / 'one'}"]))
-    ddp_rows, one_rows = rows(tmp_path / "ddp" / "run"), rows(single)
+    ddp_rows, one_rows = rows(ddp_dir), rows(single)
     assert len(ddp_rows) == len(one_rows) == 3
     for a, b in zip(ddp_rows, one_rows, strict=True):
         for key in ("loss", "loss/coord_soft_ce", "coord_diag/coord_tokens", "loss/token_ce"):

@@ -9,8 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from coordexp.config import read_yaml
 from coordexp.errors import UserError
 
 RUN_FILES = ("run_metadata.json", "resolved_config.yaml", "logging.jsonl")
@@ -77,13 +76,7 @@ def _read_config(path: Path, run: Run) -> dict:
     if not path.is_file():
         run.missing.append(f"{path.name} is missing: no knob summary")
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    return data
+    return read_yaml(path)
 
 
 def read_log_rows(path: Path, run: Run) -> list[dict]:
