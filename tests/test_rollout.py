@@ -221,7 +221,7 @@ def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
     constant = Config(rollout=cfg.rollout, eval=EvalConfig(score="constant"))
     for rec, pred, r in zip(mixed_records, preds, ro, strict=True):
         parsed = parse_coordjson_tokens(r.pieces)
-        assert pred["raw_text"] == r.text and not pred["parse"]["invalid_rollout"]
+        assert pred["raw_text"] == r.text and not pred["parse_invalid_rollout"]
         assert [o["score"] for o in pred["objects"]] == box_scores(r.token_logprobs, parsed.tokens)
         assert [o["bbox_2d"] for o in pred["objects"]] == [
             CoordCodec().box_bins_to_px(o["bbox_2d"], rec.width, rec.height)

@@ -305,10 +305,10 @@ def make_rollout(ids: list[int], logprobs: list[float], table: TokenTable) -> Ro
 # -- predictions and `coordexp infer` -------------------------------------------------------
 def predict_records(model, processor, records: list[Record], cfg: Config, *,
                     progress: bool = True) -> list[dict]:
-    """Rollout -> token-aligned parse -> box scores -> one prediction dict per record:
+    """Rollout -> token-aligned parse -> box scores -> one `coordexp eval` line per record:
     {"images", "width", "height", "objects": [{"desc", "bbox_2d" (pixels xyxy), "score"}],
-     "raw_text", "parse": {invalid_rollout, truncated, dropped_invalid, dropped_ambiguous,
-     dropped_by_reason}}."""
+     "raw_text", "parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
+     "parse_dropped_ambiguous", "parse_dropped_<reason>" (counts)}."""
     rollouts = generate_rollouts(model, processor, records, cfg.rollout, progress=progress,
                                  seed=cfg.training.seed, field_order=cfg.data.field_order)
     return [prediction(r, ro, cfg) for r, ro in zip(records, rollouts, strict=True)]
@@ -321,12 +321,13 @@ def prediction(record: Record, rollout: Rollout, cfg: Config) -> dict:
     objects = [{"desc": o["desc"], "score": s,
                 "bbox_2d": codec.box_bins_to_px(o["bbox_2d"], record.width, record.height)}
                for o, s in zip(result.objects, scores, strict=True)]
-    parse = {"invalid_rollout": result.invalid_rollout, "truncated": result.truncated,
-             "dropped_invalid": result.dropped_invalid,
-             "dropped_ambiguous": result.dropped_ambiguous,
-             "dropped_by_reason": dict(result.dropped_by_reason)}
+    parse = {"parse_invalid_rollout": int(result.invalid_rollout),
+             "parse_truncated": int(result.truncated),
+             "parse_dropped_invalid": result.dropped_invalid,
+             "parse_dropped_ambiguous": result.dropped_ambiguous}
+    parse |= {f"parse_dropped_{k}": v for k, v in result.dropped_by_reason.items()}
     return {"images": [record.image], "width": record.width, "height": record.height,
-            "objects": objects, "raw_text": rollout.text, "parse": parse}
+            "objects": objects, "raw_text": rollout.text} | parse
 
 
 def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[float]:
@@ -335,17 +336,6 @@ def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[flo
         return [1.0] * len(result.objects)
     weight = FUSED_DESC_WEIGHT if score == "fused" else 0.0
     return box_scores(rollout.token_logprobs, result.tokens, desc_weight=weight)
-
-
-def prediction_line(pred: dict) -> dict:
-    """A prediction as a `coordexp eval` line: the parse counters flat, as `parse_*` counts."""
-    p = pred["parse"]
-    flat = {"parse_invalid_rollout": int(p["invalid_rollout"]),
-            "parse_truncated": int(p["truncated"]),
-            "parse_dropped_invalid": p["dropped_invalid"],
-            "parse_dropped_ambiguous": p["dropped_ambiguous"]}
-    flat |= {f"parse_dropped_{k}": v for k, v in p["dropped_by_reason"].items()}
-    return {k: v for k, v in pred.items() if k != "parse"} | flat
 
 
 def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | Path, *,
@@ -364,15 +354,14 @@ def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | 
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for pred in preds:
-            f.write(json.dumps(prediction_line(pred), ensure_ascii=False) + "\n")
+            f.write(json.dumps(pred, ensure_ascii=False) + "\n")
     tmp.replace(out)
     print(summary_line(preds, out))
     return 0
 
 
 def summary_line(preds: list[dict], out: Path) -> str:
-    parse = [p["parse"] for p in preds]
     return (f"wrote {len(preds)} predictions ({sum(len(p['objects']) for p in preds)} objects) "
-            f"to {out}; invalid rollouts {sum(p['invalid_rollout'] for p in parse)}, "
-            f"truncated {sum(p['truncated'] for p in parse)}, "
-            f"dropped objects {sum(p['dropped_invalid'] for p in parse)}")
+            f"to {out}; invalid rollouts {sum(p['parse_invalid_rollout'] for p in preds)}, "
+            f"truncated {sum(p['parse_truncated'] for p in preds)}, "
+            f"dropped objects {sum(p['parse_dropped_invalid'] for p in preds)}")

@@ -11,7 +11,7 @@ from coordexp.data.records import Record
 from coordexp.data.render import sorted_objects_bins
 from coordexp.eval import evaluate_detections
 from coordexp.matching import match_boxes
-from coordexp.rollout import predict_records, prediction_line
+from coordexp.rollout import predict_records
 
 EVAL_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_objects",
              "gt_objects_total", "matched", "fp_total", "fn_total", "gating_rejections",
@@ -19,7 +19,7 @@ EVAL_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_objects",
 
 
 def evaluate_model(model, processor, records: list[Record], cfg: Config) -> tuple[dict, list]:
-    preds = [prediction_line(p) for p in predict_records(model, processor, records, cfg)]
+    preds = predict_records(model, processor, records, cfg)
     ev = evaluate_detections(records, preds, iou_gate=cfg.rollout.iou_gate,
                              candidate_top_k=cfg.rollout.candidate_top_k,
                              fp_cost=cfg.rollout.fp_cost, fn_cost=cfg.rollout.fn_cost,
