@@ -6,9 +6,10 @@ One step = forward + backward of the seed run's objective (no optimizer). For n 
 with the tiny vocabulary and with a 152k one, it prints the median step time, fast/reference,
 Channel-A/Stage-1 beside the ideal (P + n S) / (P + S) (P: the shared prefix, S: the rest), and
 the memory kept for backward (autograd's saved tensors, de-duplicated by storage, parameters
-excluded), fast/reference.
+excluded), fast/reference. `fast` is the default (the non-final passes recompute their suffix
+in backward); `fast keep` keeps their activations instead (softctx_recompute: false).
 
-    python benchmarks/bench_channel_a.py [--family qwen2_5_vl] [--repeats 3] [--vocabs 0,151936]
+    python benchmarks/bench_channel_a.py [--family qwen2_5_vl] [--repeats 5] [--vocabs 0,151936]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -37,6 +39,8 @@ SCENES = SynthSpec(image_size=448, min_objects=24, max_objects=30, min_size_frac
                    max_size_frac=0.12, crowded_share=0.0)
 SEED_COORD = CoordSoftCEW1Config(soft_ce_weight=0.1, w1_weight=0.1, target_truncate=8,
                                  gate_weight=1.0, bbox_smoothl1_weight=2.0, bbox_ciou_weight=0.2)
+# (row name, channel_a_impl, softctx_recompute): "fast keep" keeps every pass's activations
+VARIANTS = (("fast", "fast", True), ("fast keep", "fast", False), ("reference", "reference", False))
 SEED_STAGE2 = dict(bbox_smoothl1_weight=2.0, bbox_ciou_weight=0.2, coord_gate_weight=1.0)
 
 
@@ -53,19 +57,21 @@ def build(family: str, vocab: int):
 
 
 def saved_bytes(step) -> int:
-    """Bytes autograd keeps for backward during step(), one count per storage."""
-    storages: dict[int, int] = {}
+    """Bytes autograd keeps for backward during step(), one count per storage, parameters
+    excluded; tensors saved by branches freed before backward (detached ones) do not count."""
+    saved = []
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()
     params = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (ref() for ref in saved) if t is not None}
     loss.backward()
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    return sum(n for ptr, n in kept.items() if ptr not in params)
 
 
 class Step:
@@ -80,21 +86,29 @@ class Step:
             return stage1_step(self.model, self.batch, self.cfg, self.coord_ids).loss
         return channel_a_step(self.model, self.batch, self.cfg, self.coord_ids).loss
 
-    def time(self, repeats: int) -> float:
-        times = []
-        for _ in range(repeats + 1):  # one warm-up
-            started = time.perf_counter()
-            self().backward()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times[1:])
+    def time(self) -> float:
+        started = time.perf_counter()
+        self().backward()
+        return time.perf_counter() - started
+
+
+def median_times(steps: dict[str, Step], repeats: int) -> dict[str, float]:
+    """Median step time of each variant; rounds interleave the variants, so a drift in machine
+    load hits them all alike and the ratios stay fair. The first round warms up."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats + 1):
+        for name, step in steps.items():
+            times[name].append(step.time())
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def configs() -> dict[str, Config]:
     out = {"stage1": Config(coord_soft_ce_w1=SEED_COORD)}
     for n in (2, 3):
-        for impl in ("fast", "reference"):
-            s = Stage2ABConfig(n_softctx_iter=n, channel_a_impl=impl, **SEED_STAGE2)
-            out[f"{impl} n={n}"] = Config(coord_soft_ce_w1=SEED_COORD, stage2_ab=s,
+        for name, impl, recompute in VARIANTS:
+            s = Stage2ABConfig(n_softctx_iter=n, channel_a_impl=impl, softctx_recompute=recompute,
+                               **SEED_STAGE2)
+            out[f"{name} n={n}"] = Config(coord_soft_ce_w1=SEED_COORD, stage2_ab=s,
                                           training=TrainingConfig(stage="stage2_ab"))
     return out
 
@@ -109,27 +123,27 @@ def bench(family: str, vocab: int, records, repeats: int) -> None:
     print(f"\n{family}, vocab {V}: batch 2, L {T_len} = prefix P {P} + S {T_len - P}, "
           f"{image_tokens} image tokens and {len(batch.coord_t) // 8} objects per sample, "
           f"{int((batch.inputs['attention_mask'] == 0).sum())} pad tokens")
-    rows = {}
-    for name, cfg in configs().items():
-        step = Step(model, batch, coord_ids, cfg)
-        rows[name] = (step.time(repeats), saved_bytes(step) / 2**20)
+    steps = {name: Step(model, batch, coord_ids, cfg) for name, cfg in configs().items()}
+    times = median_times(steps, repeats)
+    rows = {name: (times[name], saved_bytes(step) / 2**20) for name, step in steps.items()}
     base = rows["stage1"][0]
     print(f"{'variant':>14} | {'median s':>8} | {'saved MiB':>9} | {'/Stage-1':>8} | "
           f"{'ideal':>5} | {'fast/ref time':>13} | {'fast/ref saved':>14}")
     print(f"{'stage1':>14} | {base:8.3f} | {rows['stage1'][1]:9.1f} | {1.0:8.2f} | {1.0:5.2f} |")
     for n in (2, 3):
         ideal = (P + n * (T_len - P)) / T_len
-        (tf, mf), (tr, mr) = rows[f"fast n={n}"], rows[f"reference n={n}"]
-        print(f"{f'fast n={n}':>14} | {tf:8.3f} | {mf:9.1f} | {tf / base:8.2f} | {ideal:5.2f} | "
-              f"{tf / tr:13.2f} | {mf / mr:14.2f}")
-        print(f"{f'reference n={n}':>14} | {tr:8.3f} | {mr:9.1f} | {tr / base:8.2f} | "
-              f"{ideal:5.2f} |")
+        tr, mr = rows[f"reference n={n}"]
+        for name, _, _ in VARIANTS:
+            t, m = rows[f"{name} n={n}"]
+            versus = "" if name == "reference" else f" {t / tr:13.2f} | {m / mr:14.2f}"
+            print(f"{f'{name} n={n}':>14} | {t:8.3f} | {m:9.1f} | {t / base:8.2f} | "
+                  f"{ideal:5.2f} |{versus}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vocabs", default="0,151936", help="0 = the tiny tokenizer's size")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

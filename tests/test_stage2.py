@@ -8,6 +8,7 @@ behind a loose tolerance. In float64 fast and reference agree to ~1e-8 relative.
 import dataclasses
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,47 @@ def test_tiny_twin_runs_from_a_stage1_checkpoint(name, stage1_checkpoint, synth_
         [0.0, 0.0, 0.0] if name == "desc_first_a_only" else [0.0, 1.0, 1.0])
     dump = json.loads((run / "monitor_dumps" / "step_000003.json").read_text())
     assert dump["global_step"] == 3 and dump["samples"]
+
+
+def saved_for_backward(step) -> tuple[torch.Tensor, int]:
+    """step()'s loss and the bytes autograd keeps for its backward, one count per storage.
+
+    Tensors saved by graph branches freed before backward (detached ones) are not kept."""
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (ref() for ref in saved) if t is not None}
+    return loss, sum(kept.values())
+
+
+def test_recompute_keeps_less_and_changes_nothing(setup):
+    """softctx_recompute reruns the non-final suffix passes in backward: the same losses and
+    gradients, and one suffix pass's activations less kept per pass that carries grad and is
+    not the last (n - 1 of them in unroll; A1 alone in em_detach, whose middle pass has none)."""
+    model, _, coord_ids, batches = setup
+    dropped = {}
+    for n, grad_mode in ((2, "unroll"), (3, "unroll"), (3, "em_detach")):
+        results = []
+        for recompute in (False, True):
+            cfg = a_config(n_softctx_iter=n, softctx_grad_mode=grad_mode,
+                           softctx_recompute=recompute)
+            model.zero_grad(set_to_none=True)
+            loss, saved = saved_for_backward(
+                lambda cfg=cfg: channel_a_step(model, batches["mixed"], cfg, coord_ids).loss)
+            loss.backward()
+            results.append((loss.detach(), saved, [p.grad.clone() for p in model.parameters()]))
+        (loss_k, saved_k, grads_k), (loss_r, saved_r, grads_r) = results
+        torch.testing.assert_close(loss_r, loss_k, rtol=0, atol=0)
+        for grad_r, grad_k in zip(grads_r, grads_k, strict=True):
+            torch.testing.assert_close(grad_r, grad_k, rtol=1e-12, atol=1e-12)
+        dropped[n, grad_mode] = saved_k - saved_r
+    one_pass = dropped[2, "unroll"]
+    assert one_pass > 0
+    assert dropped[3, "unroll"] == pytest.approx(2 * one_pass, rel=0.02)
+    assert dropped[3, "em_detach"] == pytest.approx(one_pass, rel=0.02)

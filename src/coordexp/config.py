@@ -93,6 +93,9 @@ class Stage2ABConfig:
     coord_ctx_embed_mode: str = "st"  # st | soft | hard
     coord_decode_mode: str = "exp"  # exp | st
     channel_a_impl: str = "fast"  # fast | reference (full recompute, for tests and benchmarks)
+    # fast path: recompute the non-final passes' suffix activations in backward instead of
+    # keeping them (one more suffix forward per such pass for about one pass less memory)
+    softctx_recompute: bool = True
     desc_ce_weight: float = 1.0
     fmt_struct_ce_weight: float = 0.1
     bbox_smoothl1_weight: float = 1.0

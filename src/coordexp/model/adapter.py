@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 
@@ -121,13 +122,20 @@ def run_prefix(model, mm: MultimodalInputs, length: int) -> Prefix:
     return Prefix(length, hidden, [(layer.keys, layer.values) for layer in cache.layers])
 
 
-def run_suffix(model, mm: MultimodalInputs, prefix: Prefix, embeds: Tensor) -> Tensor:
-    """Hidden states [B, T, D] of the full sequence whose columns from prefix.length on have
-    the embeddings `embeds[:, prefix.length:]` (earlier columns of `embeds` are ignored).
+def run_suffix(model, mm: MultimodalInputs, prefix: Prefix, embeds: Tensor,
+               recompute: bool = False) -> Tensor:
+    """Hidden states [B, T - P, D] of columns P = prefix.length on, for the sequence whose
+    columns from P on have the embeddings `embeds[:, P:]` (earlier columns are ignored).
 
     Each call gets a fresh cache: a reused one would have grown to T and silently shift the
-    next call's queries.
+    next call's queries. With `recompute` (and grad on) the suffix keeps only its inputs for
+    backward and runs again there (activation checkpointing through the shared prefix K/V).
     """
-    cache = DynamicCache(ddp_cache_data=prefix.kv, config=model.model.language_model.config)
-    suffix = _decoder(model, mm, embeds[:, prefix.length:], prefix.length, cache)
-    return torch.cat([prefix.hidden, suffix], dim=1)
+    def suffix(tail: Tensor) -> Tensor:
+        cache = DynamicCache(ddp_cache_data=prefix.kv, config=model.model.language_model.config)
+        return _decoder(model, mm, tail, prefix.length, cache)
+
+    tail = embeds[:, prefix.length:]
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(suffix, tail, use_reentrant=False)
+    return suffix(tail)

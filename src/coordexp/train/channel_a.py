@@ -4,8 +4,9 @@ A1 sees the ground truth; every later pass replaces the coord-slot input embeddi
 embeddings built from the previous pass's coord distribution (`st` / `soft` / `hard`).
 Two implementations give the same hidden states and gradients:
 - `fast`: the vision tower runs once, the prefix before the first coord slot runs once and its
-  keys/values are shared by every pass, and logits are computed later only at the rows a loss
-  reads (`HiddenHead`);
+  keys/values are shared by every pass, logits are computed later only at the rows a loss
+  reads (`HiddenHead`), and (`softctx_recompute`) the non-final passes recompute their suffix
+  in backward rather than keep its activations;
 - `reference`: the plain full recompute (full model, full logits, every pass), kept for tests and
   the benchmark. It too passes explicit M-RoPE positions.
 """
@@ -123,9 +124,9 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
     """Run the n passes of Channel A with `s.channel_a_impl` and return their LM heads."""
     table = input_embeddings(model)(coord_ids)  # [K, D]: through the module, so hooks apply
     table = table.to(compute_dtype(table))
-    base, run = (_fast_passes if s.channel_a_impl == "fast" else _reference_passes)(
-        model, batch, coord_ids)
-    first = run(base)
+    base, run = (_fast_passes(model, batch, coord_ids, s.softctx_recompute)
+                 if s.channel_a_impl == "fast" else _reference_passes(model, batch, coord_ids))
+    first = run(base, final=s.n_softctx_iter == 1)
     out = SoftContextOutput(first, first)
     if s.n_softctx_iter == 1 or len(batch.coord_t) == 0:  # without slots every pass is A1
         return out
@@ -142,33 +143,39 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
             if detach:
                 ctx = ctx.detach()
             out.replacements.append(ctx)
-            out.final = run(base.index_put(slots, ctx.to(base.dtype)))
+            out.final = run(base.index_put(slots, ctx.to(base.dtype)), final=last)
     return out
 
 
-def _fast_passes(model, batch: Batch, coord_ids: Tensor):
+def _fast_passes(model, batch: Batch, coord_ids: Tensor, recompute: bool):
     """Vision tower and prefix (up to the first coord slot) once, here; every pass then runs
-    only the suffix. Returns the base embeddings and embeddings -> HiddenHead."""
+    only the suffix. Returns the base embeddings and (embeddings, final) -> HiddenHead.
+
+    With `recompute`, a non-final pass keeps only its inputs for backward and reruns its
+    suffix there: the final pass's activations are the only ones kept."""
     mm = embed_multimodal(model, batch.inputs)
     total = mm.embeds.shape[1]
     length = int(batch.coord_t.min()) if len(batch.coord_t) else total
     prefix = run_prefix(model, mm, length)
     weight = lm_head_weight(model)
 
-    def run(embeds: Tensor) -> HiddenHead:
-        hidden = prefix.hidden if length == total else run_suffix(model, mm, prefix, embeds)
-        return HiddenHead(hidden, weight, coord_ids)
+    def run(embeds: Tensor, final: bool) -> HiddenHead:
+        if length == total:
+            return HiddenHead(prefix.hidden, weight, coord_ids)
+        suffix = run_suffix(model, mm, prefix, embeds, recompute=recompute and not final)
+        return HiddenHead(torch.cat([prefix.hidden, suffix], dim=1), weight, coord_ids)
 
     return mm.embeds, run
 
 
 def _reference_passes(model, batch: Batch, coord_ids: Tensor):
-    """Every pass is the full model (vision tower included) with full logits [B, T, V]. Image
-    rows keep their placeholder embeddings: the model finds them by value and splices."""
+    """Every pass is the full model (vision tower included) with full logits [B, T, V], and
+    keeps all its activations. Image rows keep their placeholder embeddings: the model finds
+    them by value and splices."""
     inputs = batch.inputs
     pos = rope_position_ids(model, inputs)  # explicit: inputs_embeds alone gets them wrong
 
-    def run(embeds: Tensor) -> LogitsHead:
+    def run(embeds: Tensor, final: bool) -> LogitsHead:
         logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
                        position_ids=pos, pixel_values=inputs.get("pixel_values"),
                        image_grid_thw=inputs.get("image_grid_thw"), use_cache=False).logits
