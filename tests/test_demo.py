@@ -1,6 +1,7 @@
 """`coordexp demo`, shrunk: every stage runs, the eval table prints, the run artifacts exist."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,18 +13,23 @@ from coordexp.cli import main
 def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "N_TRAIN", 48)
     monkeypatch.setattr(demo, "N_VAL", 6)
-    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.15"]) == 0
-    printed = capsys.readouterr().out
-    assert "[demo] task:" in printed and "AP50" in printed
+    monkeypatch.chdir(tmp_path)  # a relative --out, as a user types it
+    assert main(["demo", "--out", "demo_run", "--minutes", "0.15"]) == 0
+    out, err = capsys.readouterr()
+    assert "[demo] task:" in out and "AP50" in out
+    assert "unreadable" not in out + err  # the report finds the dumped images
     for run in ("stage1", "stage2_ab"):
-        run_dir = tmp_path / run
+        run_dir = tmp_path / "demo_run" / run
         for name in ("run_metadata.json", "resolved_config.yaml", "logging.jsonl"):
             assert (run_dir / name).is_file(), (run, name)
         rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
         assert any(r["kind"] == "eval" and "rollout/AP50" in r for r in rows)
         assert any((run_dir / "monitor_dumps").glob("step_*.json"))
         assert (run_dir / "report" / "report.html").is_file()
-    assert main(["demo", "--out", str(tmp_path), "--minutes", "0.15"]) == 2  # no overwrite
+        dump = json.loads(sorted((run_dir / "monitor_dumps").glob("step_*.json"))[-1].read_text())
+        assert all(Path(s["image"]).is_absolute() and Path(s["image"]).is_file()
+                   for s in dump["samples"])
+    assert main(["demo", "--out", "demo_run", "--minutes", "0.15"]) == 2  # no overwrite
 
 
 def test_demo_refuses_to_overwrite_and_bad_minutes(tmp_path, capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from coordexp import rollout
 from coordexp.cli import main
 from coordexp.codec import CoordCodec
 from coordexp.config import Config, EvalConfig, RolloutConfig
@@ -229,14 +230,27 @@ def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
         assert all(o["score"] == 1.0 for o in prediction(rec, r, constant)["objects"])
 
 
-def test_infer_writes_predictions_that_eval_accepts(tiny_dir, synth_dir, tmp_path, capsys):
+@pytest.mark.parametrize("field_order", ["desc_first", "geometry_first"])
+def test_infer_writes_predictions_that_eval_accepts(tiny_dir, synth_dir, tmp_path, capsys,
+                                                    monkeypatch, field_order):
+    """--field-order reaches the grammar and the parser (a spy on generate_rollouts; greedy
+    untrained rollouts close the array at once, so their text cannot show the order)."""
+    seen = []
+
+    def spy(*args, field_order, **kwargs):
+        seen.append(field_order)
+        return generate(*args, field_order=field_order, **kwargs)
+
+    generate = rollout.generate_rollouts
+    monkeypatch.setattr(rollout, "generate_rollouts", spy)
     pred = tmp_path / "out" / "pred.jsonl"
     assert main(["infer", "--model", str(tiny_dir / "qwen2_5_vl"), "--data",
                  str(synth_dir / "val.jsonl"), "--out", str(pred), "--batch-size", "4",
-                 "--max-new-tokens", "32", "--constrained"]) == 0
+                 "--max-new-tokens", "32", "--constrained", "--field-order", field_order]) == 0
     assert "wrote 8 predictions" in capsys.readouterr().out
     lines = [json.loads(s) for s in pred.read_text().splitlines()]
     assert len(lines) == 8 and all(line["parse_invalid_rollout"] == 0 for line in lines)
+    assert seen == [field_order]
     assert main(["eval", "--gt", str(synth_dir / "val.jsonl"), "--pred", str(pred),
                  "--out", str(tmp_path / "ev")]) == 0
     assert "mAP" in json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coordexp.data.render import FIELD_ORDERS
 from coordexp.data.synthetic import COLOURS, SHAPES
 from coordexp.errors import UserError
 from coordexp.model.tiny import FAMILIES
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-new-tokens", type=_positive_int, default=256)
     i.add_argument("--constrained", action="store_true",
                    help="CoordJSON grammar: coord slots emit only coord tokens")
+    i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
+                   help="the object field order the model was trained with (data.field_order)")
     i.set_defaults(run=_cmd_infer)
 
     tr = sub.add_parser("train", help="Stage 1 or Stage 2 AB, as the config says")
@@ -171,7 +174,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from coordexp.rollout import infer_command
 
     return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, constrained=args.constrained)
+                         max_new_tokens=args.max_new_tokens, constrained=args.constrained,
+                         field_order=args.field_order)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

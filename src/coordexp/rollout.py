@@ -19,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, RepetitionPenaltyLog
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from coordexp.codec import CoordCodec
-from coordexp.config import Config, RolloutConfig
+from coordexp.config import Config, DataConfig, RolloutConfig
 from coordexp.data.collate import Collator, load_image
 from coordexp.data.records import Record, read_records
 from coordexp.data.render import render_answer, render_object
@@ -339,14 +339,17 @@ def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[flo
 
 
 def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | Path, *,
-                  batch_size: int, max_new_tokens: int, constrained: bool) -> int:
-    """`coordexp infer`: rollouts on every record -> predictions JSONL (written atomically)."""
+                  batch_size: int, max_new_tokens: int, constrained: bool,
+                  field_order: str = "desc_first") -> int:
+    """`coordexp infer`: rollouts on every record -> predictions JSONL (written atomically).
+    `field_order` must be the one the model was trained with: the grammar and parser use it."""
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size} and "
                         f"{max_new_tokens}")
     records = read_records(data_path)
     model, processor, _ = load_vlm(model_dir)
-    cfg = Config(rollout=RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
+    cfg = Config(data=DataConfig(field_order=field_order),
+                 rollout=RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        constrained=constrained))
     preds = predict_records(model, processor, records, cfg)
     out = Path(out_path)

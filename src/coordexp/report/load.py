@@ -133,6 +133,9 @@ def _read_dump(path: Path) -> dict:
 
 
 def resolve_image(run_dir: Path, image: str) -> Path:
-    """A dump's image path: absolute, or relative to the run directory."""
+    """A dump's image path: absolute (what training writes), or relative to the run directory,
+    or else to the working directory."""
     p = Path(image)
-    return p if p.is_absolute() else run_dir / p
+    if p.is_absolute() or not (run_dir / p).is_file() and p.is_file():
+        return p
+    return run_dir / p

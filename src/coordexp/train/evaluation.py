@@ -57,7 +57,7 @@ def dump_sample(index: int, record: Record, pred: dict, cfg: Config) -> dict:
     reasons = {k.removeprefix("parse_dropped_"): v for k, v in pred.items()
                if k.startswith("parse_dropped_") and k not in ("parse_dropped_invalid",
                                                                "parse_dropped_ambiguous")}
-    return {"sample_id": index, "image": str(record.image_path), "width": record.width,
+    return {"sample_id": index, "image": str(record.image_path.resolve()), "width": record.width,
             "height": record.height, "rollout_text": pred.get("raw_text", ""),
             "gt_objects": gt, "pred_objects": pr,
             "match": {"matched_pairs": [list(map(int, x)) for x in m.pairs],
