@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from coordexp.cli import main
-from coordexp.config import load_config
-from coordexp.train.loop import NonFiniteLoss, run_micro_steps, train
+from coordexp.config import TrainingConfig, load_config
+from coordexp.train.loop import (
+    NonFiniteLoss,
+    TrainState,
+    _expected_last_step,
+    run_micro_steps,
+    train,
+)
 from coordexp.train.step import StepOutput
 
 BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
@@ -129,3 +135,13 @@ def test_two_processes_match_one(synth_dir, tmp_path, torchrun_train):
     for a, b in zip(ddp_rows, one_rows, strict=True):
         for key in ("loss", "loss/coord_soft_ce", "coord_diag/coord_tokens", "loss/token_ce"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_time_budget_sets_the_expected_last_step():
+    """With max_minutes the progress bar's total is where the budget runs out at the pace so
+    far (never past max_steps); without it, max_steps."""
+    state = TrainState(step=10, train_seconds=20.0)  # 2 s per step
+    assert _expected_last_step(TrainingConfig(max_steps=1000), state) == 1000
+    assert _expected_last_step(TrainingConfig(max_steps=1000, max_minutes=1.0), state) == 30
+    assert _expected_last_step(TrainingConfig(max_steps=25, max_minutes=1.0), state) == 25
+    assert _expected_last_step(TrainingConfig(max_steps=1000, max_minutes=0.1), state) == 10

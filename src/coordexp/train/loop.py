@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from coordexp.artifacts import RunLog, latest_checkpoint, write_metadata, write_monitor_dump
 from coordexp.codec import CoordCodec
-from coordexp.config import Config, check_config, load_config
+from coordexp.config import Config, TrainingConfig, check_config, load_config
 from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
 from coordexp.diagnostics import finalize_stats
@@ -137,6 +137,7 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         last = state.step == t.max_steps or _agree(out_of_time, world)
         if state.step % t.logging_steps == 0 or last:
             log.log(state.step, "train", metrics)
+        bar.total = _expected_last_step(t, state)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         if val_records and (state.step % t.eval_steps == 0 or (last and t.eval_at_end)):
@@ -150,6 +151,16 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     log.close()
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _expected_last_step(t: TrainingConfig, state: TrainState) -> int:
+    """max_steps, or sooner the step at which training.max_minutes runs out at the mean pace
+    so far: the progress bar's total and time left then mean something."""
+    if t.max_minutes <= 0:
+        return t.max_steps
+    per_step = state.train_seconds / state.step
+    left = max(0.0, 60 * t.max_minutes - state.train_seconds)
+    return min(t.max_steps, state.step + math.ceil(left / per_step))
 
 
 def _agree(flag: bool, world: int) -> bool:
