@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coordexp.cli import main
-from coordexp.config import TrainingConfig, load_config
+from coordexp.config import TrainingConfig, ignored_keys_notes, load_config
 from coordexp.train.loop import (
     NonFiniteLoss,
     TrainState,
@@ -108,6 +108,21 @@ def test_config_errors_exit_2_naming_the_key(tmp_path, capsys, override, key):
     assert main(["train", str(cfg), *override]) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err
+
+
+def test_stage1_only_keys_in_a_stage2_config_are_named():
+    base = ["model.init_tiny=qwen3_vl", "data.train=x.jsonl"]
+    stage2 = base + ["training.stage=stage2_ab"]
+    assert ignored_keys_notes(load_config(None, stage2)) == []
+    assert ignored_keys_notes(load_config(None, base + ["coord_soft_ce_w1.gate_weight=0"])) == []
+    notes = ignored_keys_notes(load_config(None, stage2 + [
+        "coord_soft_ce_w1.gate_weight=0", "coord_soft_ce_w1.bbox_ciou_weight=0.5",
+        "stage2_ab.bbox_ciou_weight=0.2"]))
+    assert notes == [
+        "note: 'coord_soft_ce_w1.gate_weight' (0.0) is read by Stage 1 only; this Stage-2 run "
+        "reads 'stage2_ab.coord_gate_weight' (0.0)",
+        "note: 'coord_soft_ce_w1.bbox_ciou_weight' (0.5) is read by Stage 1 only; this Stage-2 "
+        "run reads 'stage2_ab.bbox_ciou_weight' (0.2)"]
 
 
 def test_yaml_extends_and_float_strings(tmp_path):

@@ -294,5 +294,29 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
                         "training.mixed_precision=bf16 or no")
 
 
+# coord_soft_ce_w1 keys that only Stage 1 reads -> the key Stage 2 reads instead
+STAGE1_ONLY = {"ce_weight": "stage2_ab.coord_ce_weight",
+               "gate_weight": "stage2_ab.coord_gate_weight",
+               "bbox_smoothl1_weight": "stage2_ab.bbox_smoothl1_weight",
+               "bbox_ciou_weight": "stage2_ab.bbox_ciou_weight"}
+
+
+def ignored_keys_notes(cfg: Config) -> list[str]:
+    """One line per Stage-1-only key a Stage-2 config sets away from its default: the run
+    ignores it, and the user should know which key it reads instead."""
+    if cfg.training.stage != "stage2_ab":
+        return []
+    default, c = CoordSoftCEW1Config(), cfg.coord_soft_ce_w1
+    return [f"note: 'coord_soft_ce_w1.{key}' ({getattr(c, key)}) is read by Stage 1 only; this "
+            f"Stage-2 run reads '{instead}' ({_get(cfg, instead)})"
+            for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
+
+
+def _get(cfg: Config, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)

@@ -42,7 +42,9 @@ STAGE2 = {
     "stage2_ab": {"schedule": {"b_ratio": 0.5}, "n_softctx_iter": 2,
                   "bbox_smoothl1_weight": 2.0, "bbox_ciou_weight": 0.2, "coord_gate_weight": 1.0,
                   "text_gate_weight": 0.1},
-    "coord_soft_ce_w1": {"soft_ce_weight": 0.1, "w1_weight": 0.1},
+    # Stage 2 reads its box weights from stage2_ab: the Stage-1 ones go back to their defaults
+    "coord_soft_ce_w1": {"soft_ce_weight": 0.1, "w1_weight": 0.1, "bbox_smoothl1_weight": 0.0,
+                         "bbox_ciou_weight": 0.0},
 }
 
 

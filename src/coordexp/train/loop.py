@@ -8,6 +8,8 @@ loop averages gradients across ranks itself, once per optimizer step.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,13 @@ from tqdm import tqdm
 
 from coordexp.artifacts import RunLog, latest_checkpoint, write_metadata, write_monitor_dump
 from coordexp.codec import CoordCodec
-from coordexp.config import Config, TrainingConfig, check_config, load_config
+from coordexp.config import (
+    Config,
+    TrainingConfig,
+    check_config,
+    ignored_keys_notes,
+    load_config,
+)
 from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
 from coordexp.diagnostics import finalize_stats
@@ -202,6 +210,9 @@ def make_evaluator(cfg, model, processor, val_records, run_dir, log, main):
 
 def train_command(config_path: str, overrides: list[str], resume: str = "") -> int:
     cfg = load_config(config_path, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in ignored_keys_notes(cfg):
+            print(note, file=sys.stderr)
     try:
         run_dir = train(cfg, resume=resume)
     except NonFiniteLoss as e:
