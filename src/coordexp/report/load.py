@@ -136,6 +136,6 @@ def resolve_image(run_dir: Path, image: str) -> Path:
     """A dump's image path: absolute (what training writes), or relative to the run directory,
     or else to the working directory."""
     p = Path(image)
-    if p.is_absolute() or not (run_dir / p).is_file() and p.is_file():
+    if p.is_absolute() or (p.is_file() and not (run_dir / p).is_file()):
         return p
     return run_dir / p
