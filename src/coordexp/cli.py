@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True,
                    help="output folder for metrics.json and per-class files")
     e.add_argument("--semantic", choices=("auto", "on", "off"), default="auto",
-                   help="map descs that are no category name to the nearest one with a "
+                   help="map a desc that is not a category name to the nearest one with a "
                         "sentence encoder (auto: when it is installed)")
     e.add_argument("--semantic-threshold", type=_unit_interval, default=None,
                    help="lowest cosine similarity that maps a desc (default 0.6)")
