@@ -294,11 +294,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
                         "training.mixed_precision=bf16 or no")
 
 
-# coord_soft_ce_w1 keys that only Stage 1 reads -> the key Stage 2 reads instead
-STAGE1_ONLY = {"ce_weight": "stage2_ab.coord_ce_weight",
-               "gate_weight": "stage2_ab.coord_gate_weight",
-               "bbox_smoothl1_weight": "stage2_ab.bbox_smoothl1_weight",
-               "bbox_ciou_weight": "stage2_ab.bbox_ciou_weight"}
+# coord_soft_ce_w1 keys that only Stage 1 reads -> the stage2_ab key Stage 2 reads instead
+STAGE1_ONLY = {"ce_weight": "coord_ce_weight", "gate_weight": "coord_gate_weight",
+               "bbox_smoothl1_weight": "bbox_smoothl1_weight",
+               "bbox_ciou_weight": "bbox_ciou_weight"}
 
 
 def ignored_keys_notes(cfg: Config) -> list[str]:
@@ -308,14 +307,8 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
         return []
     default, c = CoordSoftCEW1Config(), cfg.coord_soft_ce_w1
     return [f"note: 'coord_soft_ce_w1.{key}' ({getattr(c, key)}) is read by Stage 1 only; this "
-            f"Stage-2 run reads '{instead}' ({_get(cfg, instead)})"
+            f"Stage-2 run reads 'stage2_ab.{instead}' ({getattr(cfg.stage2_ab, instead)})"
             for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
-
-
-def _get(cfg: Config, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -8,7 +8,6 @@ loop averages gradients across ranks itself, once per optimizer step.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -99,6 +98,9 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     world, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
     check_config(cfg, world)
+    if main:
+        for note in ignored_keys_notes(cfg):
+            print(note, file=sys.stderr)
     run_dir = Path(t.output_dir) / t.run_name
     if main and (run_dir / "logging.jsonl").exists() and not resume:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
@@ -210,9 +212,6 @@ def make_evaluator(cfg, model, processor, val_records, run_dir, log, main):
 
 def train_command(config_path: str, overrides: list[str], resume: str = "") -> int:
     cfg = load_config(config_path, overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for note in ignored_keys_notes(cfg):
-            print(note, file=sys.stderr)
     try:
         run_dir = train(cfg, resume=resume)
     except NonFiniteLoss as e:
