@@ -22,11 +22,12 @@ from coordexp.config import Config, RolloutConfig
 from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
 from coordexp.data.synthetic import SynthSpec, synthesize
+from coordexp.grammar import coordjson_grammar
 from coordexp.model.adapter import init_coord_embeddings_ordinal
 from coordexp.model.qwen_vl import build_processor, load_vlm
 from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 from coordexp.parsing import parse_coordjson_tokens
-from coordexp.rollout import coordjson_grammar, generate_rollouts
+from coordexp.rollout import generate_rollouts
 from coordexp.train.stage1 import stage1_step
 
 

@@ -17,9 +17,10 @@ from coordexp.data.collate import COORD, DESC, STRUCT, Collator
 from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_object
 from coordexp.diagnostics import finalize_stats
+from coordexp.grammar import decode_pieces, token_table
 from coordexp.model.qwen_vl import build_image_processor, build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
-from coordexp.rollout import Rollout, decode_pieces, token_table
+from coordexp.rollout import Rollout
 from coordexp.train import stage2
 from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
 from coordexp.train.stage2 import channel_b_step, make_stage2_step

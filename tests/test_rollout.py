@@ -7,24 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
-from coordexp import rollout
+from coordexp import predict
 from coordexp.cli import main
 from coordexp.codec import CoordCodec
 from coordexp.config import Config, EvalConfig, RolloutConfig
 from coordexp.data.records import Record, read_records
 from coordexp.data.render import render_record
 from coordexp.eval.scores import box_scores
+from coordexp.grammar import coordjson_grammar, decode_pieces, token_table
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import parse_coordjson, parse_coordjson_tokens
-from coordexp.rollout import (
-    coordjson_grammar,
-    decode_pieces,
-    generate_rollouts,
-    predict_records,
-    prediction,
-    prompt_batch,
-    token_table,
-)
+from coordexp.predict import predict_records, prediction
+from coordexp.rollout import generate_rollouts, prompt_batch
 
 FIELD_ORDERS = ("desc_first", "geometry_first")
 
@@ -241,8 +235,8 @@ def test_infer_writes_predictions_that_eval_accepts(tiny_dir, synth_dir, tmp_pat
         seen.append(field_order)
         return generate(*args, field_order=field_order, **kwargs)
 
-    generate = rollout.generate_rollouts
-    monkeypatch.setattr(rollout, "generate_rollouts", spy)
+    generate = predict.generate_rollouts
+    monkeypatch.setattr(predict, "generate_rollouts", spy)
     pred = tmp_path / "out" / "pred.jsonl"
     assert main(["infer", "--model", str(tiny_dir / "qwen2_5_vl"), "--data",
                  str(synth_dir / "val.jsonl"), "--out", str(pred), "--batch-size", "4",

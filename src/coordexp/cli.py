@@ -192,7 +192,7 @@ def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from coordexp.rollout import infer_command
+    from coordexp.predict import infer_command
 
     return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, constrained=args.constrained,

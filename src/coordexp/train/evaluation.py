@@ -11,7 +11,7 @@ from coordexp.data.records import Record
 from coordexp.data.render import sorted_objects_bins
 from coordexp.eval import evaluate_detections
 from coordexp.matching import match_boxes
-from coordexp.rollout import predict_records
+from coordexp.predict import predict_records
 
 EVAL_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_objects",
              "gt_objects_total", "matched", "fp_total", "fn_total", "gating_rejections",
