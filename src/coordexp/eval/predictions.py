@@ -12,7 +12,6 @@ Lines are untrusted input: every problem is a UserError naming the file and line
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from coordexp.codec import CoordCodec
-from coordexp.data.records import Record
+from coordexp.data.records import Record, iter_jsonl
 from coordexp.errors import UserError
 from coordexp.parsing import (
     REASONS,
@@ -104,20 +103,7 @@ def box_scores(token_logprobs: Sequence[float] | np.ndarray, tokens: Sequence[Ob
 # -- reading pred JSONL lines ---------------------------------------------------------------
 def read_prediction_lines(path: str | Path) -> list[tuple[object, str]]:
     """Decoded JSON lines with their "file:line"; blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                                ) from None
-    return lines
+    return list(iter_jsonl(path))
 
 
 def align_lines(gt_records: list[Record], lines: list[tuple[object, str]],
