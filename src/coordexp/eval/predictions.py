@@ -33,7 +33,6 @@ from coordexp.parsing import (
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
                   "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
 _CODEC = CoordCodec()
-_JSON_NUMBER = (int, float)  # exact types, so a JSON true/false is not a number
 
 
 @dataclass(frozen=True)
@@ -160,15 +159,12 @@ def _read_objects(obj: dict, where: str, gt: Record, constant_score: float | Non
         raise UserError(f"{where}: 'objects' must be a list")
     need_score = constant_score is None
     for i, o in enumerate(objects):
-        problem = None if _is_pred_object(o, need_score) else _object_problem(o, need_score)
+        problem = _object_problem(o, need_score)
         if problem is not None:
             raise UserError(f"{where}: object {i}: {problem}")
     boxes = _boxes([o["bbox_2d"] for o in objects])
     scores = np.asarray([o["score"] for o in objects] if need_score
                         else [constant_score] * len(objects), dtype=np.float64)
-    finite = np.isfinite(boxes).all(1) & np.isfinite(scores)  # [P]
-    if not finite.all():
-        raise UserError(f"{where}: object {int(np.argmin(finite))}: box and score must be finite")
     parse = {}
     for key in PARSE_COUNTERS:
         value = obj.get(key, 0)
@@ -179,23 +175,13 @@ def _read_objects(obj: dict, where: str, gt: Record, constant_score: float | Non
                       scores, parse)
 
 
-def _is_pred_object(o: object, need_score: bool) -> bool:
-    """A quick shape check of one predicted object (it runs for every box); what it does
-    not accept goes through _object_problem."""
-    if type(o) is not dict or type(o.get("desc")) is not str:
-        return False
-    box = o.get("bbox_2d")
-    return (type(box) is list and len(box) == 4 and all(type(v) in _JSON_NUMBER for v in box)
-            and (not need_score or type(o.get("score")) in _JSON_NUMBER))
-
-
 def _object_problem(o: object, need_score: bool) -> str | None:
     """What is wrong with one predicted object, None if nothing."""
     if not (isinstance(o, dict) and isinstance(o.get("desc"), str)):
         return "needs a string 'desc'"
     box = o.get("bbox_2d")
     if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
-        return "'bbox_2d' must be 4 pixel numbers [x1, y1, x2, y2]"
+        return "'bbox_2d' must be 4 finite pixel numbers [x1, y1, x2, y2]"
     if need_score and not _is_number(o.get("score")):
         return ("needs a finite number 'score' (AP ranks by it); to rank by emission order "
                 "instead, evaluate with constant_score=1.0")
