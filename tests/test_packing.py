@@ -289,7 +289,7 @@ def test_pack_batch_moves_images_with_their_samples(setup):
 
 # -- the loop -----------------------------------------------------------------------------------
 PACKED_RUN = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
-              "training.effective_batch_size=2", "training.per_device_batch_size=1",
+              "training.effective_batch_size=1", "training.per_device_batch_size=1",
               "training.packing=static", "training.packing_length=256",
               "training.learning_rate=3e-3", "training.warmup_ratio=0"]
 
@@ -300,7 +300,7 @@ def test_resume_after_kill_mid_epoch_with_packing_reproduces_the_trajectory(synt
     run_dir = train(cfg)
     state = json.loads((run_dir / "checkpoints" / "step_000003" / "trainer_state.json")
                        .read_text())["data_order"]
-    assert state["pos"] > 0 and "pack_plan" in state  # killed inside an epoch
+    assert state["pos"] == 3 and "pack_plan" in state  # killed inside an epoch of 5 packs
 
     def losses(d):
         lines = (d / "logging.jsonl").read_text().splitlines()
