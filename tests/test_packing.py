@@ -7,6 +7,7 @@ no objects; packed rows are checked with all samples in one row and spread over 
 (row tails are padding segments of their own).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +20,6 @@ from coordexp.codec import CoordCodec
 from coordexp.config import (
     Config,
     RolloutConfig,
-    ScheduleConfig,
     Stage2ABConfig,
     TrainingConfig,
     load_config,
@@ -33,7 +33,8 @@ from coordexp.data.synthetic import SynthSpec, make_scene
 from coordexp.diagnostics import finalize_stats
 from coordexp.errors import UserError
 from coordexp.grammar import decode_pieces, token_table
-from coordexp.model.adapter import pack_rows, rope_position_ids
+from coordexp.model.adapter import hidden_states, pack_rows, rope_position_ids
+from coordexp.model.packed_attention import NAME, segment_bounds
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.rollout import Rollout
@@ -67,6 +68,11 @@ def test_a_sample_longer_than_a_row_is_named_or_runs_alone():
     with pytest.raises(UserError, match=r"record 2 \(b.png\): 9 tokens.*packing_length \(8\)"):
         plan_packs([3, 9, 4], 8, names=["record 1 (a.png)", "record 2 (b.png)", "c"])
     assert plan_packs([3, 9, 4], 8, allow_single_long=True) == [[0, 2], [1]]
+
+
+def test_segments_are_runs_of_consecutive_text_positions():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]])
+    assert segment_bounds(positions) == [[(0, 3), (3, 5), (5, 6)], [(0, 5), (5, 6)]]
 
 
 def test_data_order_permutes_packs_and_resumes_exactly():
@@ -240,10 +246,35 @@ def test_position_ids_restart_per_sample(setup):
     assert tails > 0 and int((packed.labels != -100).sum()) == int((batch.labels != -100).sum())
 
 
-def test_perturbing_one_sample_leaves_the_others_logits_bitwise_unchanged(setup):
+@contextlib.contextmanager
+def attention(model, name: str):
+    """The language decoder on `name` (sdpa: the block-diagonal mask; sdpa_packed: sdpa run
+    per packed sample) for the block, then back to the per-sample path pack_rows selects."""
+    model.model.language_model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.model.language_model.set_attn_implementation(NAME)
+
+
+def test_per_sample_attention_equals_the_block_diagonal_mask(setup):
+    model, collator, _, records = setup
+    batch = encode(collator, records)
+    packed, _ = pack_rows(model, batch, row_length(batch, "several"))
+    assert model.model.language_model.config._attn_implementation == NAME
+    with torch.no_grad():
+        per_sample = hidden_states(model, packed.inputs)
+        with attention(model, "sdpa"):
+            masked = hidden_states(model, packed.inputs)
+    torch.testing.assert_close(per_sample, masked, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", NAME])
+def test_perturbing_one_sample_leaves_the_others_logits_bitwise_unchanged(setup, impl):
     """Sample 1 (the big image) gets other pixels and another answer token. The others'
-    logits in the packed row stay bitwise equal; with one causal span over the whole row (no
-    restart in the text positions) the later samples' logits do change."""
+    logits in the packed row stay bitwise equal, with the block-diagonal mask and with sdpa
+    per sample; with one causal span over the whole row (no restart in the text positions)
+    the later samples' logits do change."""
     model, collator, _, records = setup
     batch = encode(collator, records)
     packed, _ = pack_rows(model, batch, row_length(batch, "one"))
@@ -261,14 +292,15 @@ def test_perturbing_one_sample_leaves_the_others_logits_bitwise_unchanged(setup)
         with torch.no_grad():
             return model(**inputs, use_cache=False).logits[r]  # [L, V]
 
-    base, moved = logits(packed.inputs), logits(other)
+    one_span = packed.inputs["position_ids"].clone()
+    one_span[0] = torch.arange(one_span.shape[-1])  # one sequence: attention crosses samples
+    with attention(model, impl):
+        base, moved = logits(packed.inputs), logits(other)
+        crossed = logits(packed.inputs | {"position_ids": one_span})
     mine = torch.zeros(base.shape[0], dtype=torch.bool)
     mine[start: start + n] = True
     assert torch.equal(base[~mine], moved[~mine])
     assert not torch.equal(base[mine], moved[mine])
-    one_span = packed.inputs["position_ids"].clone()
-    one_span[0] = torch.arange(one_span.shape[-1])  # one sequence: attention crosses samples
-    crossed = logits(packed.inputs | {"position_ids": one_span})
     assert not torch.equal(base[start + n:], crossed[start + n:])
 
 

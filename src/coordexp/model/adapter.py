@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from coordexp.data.collate import Batch
 from coordexp.data.packing import Layout, pack_batch, plan_packs
+from coordexp.model.packed_attention import use_packed_attention
 
 
 def hidden_states(model, inputs: dict[str, Tensor]) -> Tensor:
@@ -66,7 +67,10 @@ def pack_rows(model, batch: Batch, packing_length: int) -> tuple[Batch, Layout]:
     sample runs alone). Each sample keeps the M-RoPE positions `get_rope_index` gives it in the
     padded batch; a text row restarting per sample is prepended (the [4, R, L] position ids
     Qwen2.5-VL / Qwen3-VL read for packed input), so with no attention mask the decoder builds
-    a block-diagonal causal mask (sdpa) or variable-length sequences (flash-attention)."""
+    a block-diagonal causal mask (sdpa) or variable-length sequences (flash-attention). An
+    sdpa decoder is switched to sdpa per packed sample (model/packed_attention.py), which
+    skips the mask's cross-sample pairs."""
+    use_packed_attention(model)
     lengths = batch.inputs["attention_mask"].sum(1).tolist()
     packs = plan_packs(lengths, packing_length, allow_single_long=True)
     return pack_batch(batch, rope_position_ids(model, batch.inputs), packs)
