@@ -155,6 +155,9 @@ def main() -> None:
               f"{m.seconds:6.1f} | {wall:8.1f} | {wall / (base.real / base.seconds):9.2f} | "
               f"{m.cpu_seconds:6.1f} | {cpu:12.1f} | "
               f"{cpu / (base.real / base.cpu_seconds):9.2f}")
+    bound = 1 / (1 - (1 - base.real / base.slots))
+    print(f"padding-free bound on the ratio (every padded slot costing a real token's time): "
+          f"{bound:.2f}")
     fill = sum(lengths) / (len(packs) * args.packing_length)
     print(f"pack plan: {len(packs)} rows, {len(records) / len(packs):.1f} samples and "
           f"{fill:.1%} of packing_length per row")
