@@ -155,7 +155,7 @@ def main() -> None:
               f"{m.seconds:6.1f} | {wall:8.1f} | {wall / (base.real / base.seconds):9.2f} | "
               f"{m.cpu_seconds:6.1f} | {cpu:12.1f} | "
               f"{cpu / (base.real / base.cpu_seconds):9.2f}")
-    bound = 1 / (1 - (1 - base.real / base.slots))
+    bound = base.slots / base.real  # = 1 / (1 - padded padding share)
     print(f"padding-free bound on the ratio (every padded slot costing a real token's time): "
           f"{bound:.2f}")
     fill = sum(lengths) / (len(packs) * args.packing_length)
