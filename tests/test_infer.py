@@ -98,6 +98,8 @@ def test_reference_run_has_objects_and_reports_truncated_answers(reference, phot
     assert [ln["images"][0] for ln in lines] == names  # input order, not the batch plan's
     assert len(names) == len(SIZES) + 1
     assert sum(len(ln["objects"]) for ln in lines) > 0  # a test of something, not of []
+    first_scores = {ln["objects"][0]["score"] for ln in lines if ln["objects"]}
+    assert len(first_scores) == len(lines)  # each image its own line: a mix-up would show
     truncated = sum(ln["parse_truncated"] for ln in lines)
     assert truncated > 0  # the 48-token budget cuts these answers: counted per line...
     assert main(infer_args(model_dir, tmp_path / "p.jsonl", "--data",
@@ -244,12 +246,16 @@ def test_load_casts_and_places_the_model_once(model_dir):
     assert detector.resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
-def test_a_run_directory_loads_its_latest_checkpoint(tmp_path):
+@pytest.mark.parametrize(("best", "chosen"), [(200, 200), (None, 300), (50, 300)])
+def test_a_run_directory_loads_its_best_kept_checkpoint(tmp_path, best, chosen):
+    """best_step from the last trainer state when that checkpoint was kept, else the latest."""
+    run = tmp_path / "run"
     for step in (100, 300, 200):
-        ckpt = tmp_path / "run" / "checkpoints" / f"step_{step:06d}"
+        ckpt = run / "checkpoints" / f"step_{step:06d}"
         ckpt.mkdir(parents=True)
         (ckpt / "config.json").write_text("{}")
-    assert detector.model_dir(tmp_path / "run") == ckpt.with_name("step_000300")
+        (ckpt / "trainer_state.json").write_text(json.dumps({"best_step": best}))
+    assert detector.model_dir(run) == run / "checkpoints" / f"step_{chosen:06d}"
     assert detector.model_dir(ckpt) == ckpt
 
 

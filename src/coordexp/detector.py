@@ -6,6 +6,7 @@ attention) and the length-aware batch plan.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from coordexp.artifacts import latest_checkpoint
+from coordexp.artifacts import checkpoint_dir, latest_checkpoint
 from coordexp.config import Config, DataConfig, EvalConfig, RolloutConfig
 from coordexp.data.collate import load_image
 from coordexp.data.records import Record
@@ -166,14 +167,19 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto",
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model directory or a training checkpoint (config.json inside), or a run directory."""
+    """A model directory or a training checkpoint (config.json inside), or a run directory:
+    its best checkpoint (by the eval metric) if that was kept, else its latest."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    if (path / "checkpoints").is_dir():
-        return latest_checkpoint(path)
-    raise UserError(f"{path}: not a model directory, training checkpoint or run directory "
-                    "(no config.json and no checkpoints/)")
+    if not (path / "checkpoints").is_dir():
+        raise UserError(f"{path}: not a model directory, training checkpoint or run directory "
+                        "(no config.json and no checkpoints/)")
+    latest = latest_checkpoint(path)
+    state = latest / "trainer_state.json"
+    best_step = json.loads(state.read_text()).get("best_step") if state.is_file() else None
+    best = checkpoint_dir(path, best_step) if best_step else latest
+    return best if (best / "config.json").is_file() else latest
 
 
 def resolve_device(device: str) -> torch.device:
