@@ -106,6 +106,8 @@ def test_reference_run_has_objects_and_reports_truncated_answers(reference, phot
                            str(photos / "records.jsonl"))) == 0
     printed = capsys.readouterr().out
     assert f"truncated {truncated}" in printed and "raise --max-new-tokens" in printed  # ...told
+    assert main(["eval", "--gt", str(photos / "records.jsonl"), "--pred",
+                 str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev")]) == 0  # eval reads it
 
 
 def test_images_folder_equals_records_jsonl(reference, model_dir, photos, tmp_path):

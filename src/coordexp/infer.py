@@ -20,8 +20,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from coordexp.config import RolloutConfig
 from coordexp.data.records import Record, read_records
-from coordexp.detector import MAX_NEW_TOKENS, Detector, image_size, plan_batches, rollout_config
+from coordexp.detector import (
+    MAX_NEW_TOKENS,
+    Detector,
+    image_size,
+    plan_batches,
+    resolve_device,
+    rollout_config,
+)
 from coordexp.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -46,15 +54,14 @@ def infer_command(model: str | Path, out_path: str | Path, *, data: str | None =
     rollout = rollout_config(opts.batch_size, opts.max_new_tokens, opts.repetition_penalty,
                              opts.constrained)
     records = read_records(data) if data is not None else image_records(images)
+    if not records:
+        raise UserError(f"{data}: no records")
     out = Path(out_path)
     if part_paths(out) and not opts.resume:
         raise UserError(f"{part_paths(out)[0]}: an interrupted run's predictions are here; "
                         "pass --resume to continue it, or delete the .part files to start again")
-    rank, world = start_processes()
-    device = opts.device
-    if world > 1 and device != "cpu" and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    detector = Detector.load(model, device=device, dtype=opts.dtype,
+    rank, world, device = start_processes(resolve_device(opts.device))
+    detector = Detector.load(model, device=str(device), dtype=opts.dtype,
                              attn_implementation=opts.attn_implementation,
                              field_order=opts.field_order)
     header = run_header(model, records, opts, detector)
@@ -63,22 +70,29 @@ def infer_command(model: str | Path, out_path: str | Path, *, data: str | None =
     plan = plan_batches(records, opts.batch_size)
     todo = [b for j, b in enumerate(plan) if j % world == rank and not done.keys() >= set(b)]
     with open_part(out, rank, header) as part:
-        try:
-            for batch, preds in detector.stream(records, todo, rollout, progress=rank == 0):
-                for i, p in zip(batch, preds, strict=True):
-                    if i not in done:
-                        line = {"index": i, "line": p.to_line()}
-                        append_line(part, json.dumps(line, ensure_ascii=False))
-                os.fsync(part.fileno())
-        except UserError as e:
-            raise UserError(f"{e}; the predictions written so far are kept in {part.name}: "
-                            "rerun with --resume to continue") from None
+        write_predictions(detector, records, todo, rollout, done, part, progress=rank == 0)
     synchronize()
     if rank == 0:
         lines = merge_parts(out, header, len(records))
         print(summary_line(lines, out, opts.max_new_tokens))
     synchronize()
     return 0
+
+
+def write_predictions(detector: Detector, records: list[Record], batches: list[list[int]],
+                      rollout: RolloutConfig, done: dict[int, dict], part, *,
+                      progress: bool) -> None:
+    """Run the batches, appending each line not yet written; fsync once per batch."""
+    try:
+        for batch, preds in detector.stream(records, batches, rollout, progress=progress):
+            for i, p in zip(batch, preds, strict=True):
+                if i not in done:
+                    append_line(part, json.dumps({"index": i, "line": p.to_line()},
+                                                 ensure_ascii=False))
+            os.fsync(part.fileno())
+    except UserError as e:  # e.g. an image that cannot be read
+        raise UserError(f"{e}; the predictions written so far are kept in {part.name}: "
+                        "rerun with --resume to continue") from None
 
 
 # -- inputs -----------------------------------------------------------------------------------
@@ -116,12 +130,18 @@ def _until_magic(parts: tuple[str, ...]) -> list[str]:
 
 
 # -- processes --------------------------------------------------------------------------------
-def start_processes() -> tuple[int, int]:
-    """(rank, world size); under torchrun, the process group (gloo on CPU, nccl on GPUs)."""
+def start_processes(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device); under torchrun, the process group (nccl on
+    GPUs, gloo on the CPU) and one GPU per process (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
 
 
 def synchronize() -> None:
