@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,11 @@ class Detection:
     labels: list[str]
     scores: np.ndarray  # [P]
     prediction: Prediction  # the full record: raw text, parse counters, the pred JSONL line
+    hit_max_new_tokens: bool  # the answer was cut by the token budget (its complete objects kept)
 
     @classmethod
-    def of(cls, p: Prediction) -> Detection:
-        return cls(p.boxes_px, list(p.descs), p.scores, p)
+    def of(cls, p: Prediction, hit_max_new_tokens: bool) -> Detection:
+        return cls(p.boxes_px, list(p.descs), p.scores, p, hit_max_new_tokens)
 
 
 class Detector:
@@ -71,38 +73,40 @@ class Detector:
         orientation tag is not applied, as in training), in the order given."""
         rollout = rollout_config(batch_size, max_new_tokens, repetition_penalty, constrained)
         records, in_memory = image_inputs(images)
-        out: list[Prediction | None] = [None] * len(records)
-        for batch, preds in self.stream(records, plan_batches(records, batch_size), rollout,
+        out: list[Detection | None] = [None] * len(records)
+        for batch, found in self.stream(records, plan_batches(records, batch_size), rollout,
                                         in_memory=in_memory, progress=progress):
-            for i, p in zip(batch, preds, strict=True):
-                out[i] = p
-        return [Detection.of(p) for p in out]
+            for i, d in zip(batch, found, strict=True):
+                out[i] = d
+        return out
 
     def stream(self, records: list[Record], batches: list[list[int]], rollout: RolloutConfig,
                *, in_memory: dict[int, Image.Image] | None = None,
-               progress: bool = False) -> Iterator[tuple[list[int], list[Prediction]]]:
-        """(record indices, their predictions) batch by batch; images are read from the
+               progress: bool = False) -> Iterator[tuple[list[int], list[Detection]]]:
+        """(record indices, their detections) batch by batch; images are read from the
         records' files (`load_image`, as training does) unless given in `in_memory`."""
         in_memory = in_memory or {}
         total = sum(map(len, batches))
+        start, objects = time.perf_counter(), 0
         with tqdm(total=total, desc="infer", unit="img", disable=not progress) as bar:
-            objects = 0
             for batch in batches:
                 images = [in_memory[i] if i in in_memory else load_image(records[i])
                           for i in batch]
-                preds = self.predict_batch([records[i] for i in batch], images, rollout)
-                objects += sum(len(p.descs) for p in preds)
-                bar.update(len(batch))
-                bar.set_postfix_str(f"{objects / max(bar.format_dict['elapsed'], 1e-9):.1f} obj/s")
-                yield batch, preds
+                found = self.predict_batch([records[i] for i in batch], images, rollout)
+                objects += sum(len(d.labels) for d in found)
+                bar.set_postfix_str(f"{objects / (time.perf_counter() - start):.1f} obj/s",
+                                    refresh=False)
+                bar.update(len(batch))  # the bar shows images/s itself
+                yield batch, found
 
     def predict_batch(self, records: list[Record], images: list[Image.Image],
-                      rollout: RolloutConfig) -> list[Prediction]:
+                      rollout: RolloutConfig) -> list[Detection]:
         """One generate call for these images; boxes in pixels of each record's size."""
         with torch.no_grad():
             rollouts = generate_batch(self.model, self.processor, images, rollout,
                                       self.cfg.data.field_order)
-        return [prediction(r, ro, self.cfg) for r, ro in zip(records, rollouts, strict=True)]
+        return [Detection.of(prediction(r, ro, self.cfg), ro.hit_max_new_tokens)
+                for r, ro in zip(records, rollouts, strict=True)]
 
 
 def rollout_config(batch_size: int, max_new_tokens: int, repetition_penalty: float,

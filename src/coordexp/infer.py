@@ -73,8 +73,8 @@ def infer_command(model: str | Path, out_path: str | Path, *, data: str | None =
         write_predictions(detector, records, todo, rollout, done, part, progress=rank == 0)
     synchronize()
     if rank == 0:
-        lines = merge_parts(out, header, len(records))
-        print(summary_line(lines, out, opts.max_new_tokens))
+        entries = merge_parts(out, header, len(records))
+        print(summary_line(entries, out, opts.max_new_tokens))
     synchronize()
     return 0
 
@@ -84,11 +84,12 @@ def write_predictions(detector: Detector, records: list[Record], batches: list[l
                       progress: bool) -> None:
     """Run the batches, appending each line not yet written; fsync once per batch."""
     try:
-        for batch, preds in detector.stream(records, batches, rollout, progress=progress):
-            for i, p in zip(batch, preds, strict=True):
+        for batch, found in detector.stream(records, batches, rollout, progress=progress):
+            for i, d in zip(batch, found, strict=True):
                 if i not in done:
-                    append_line(part, json.dumps({"index": i, "line": p.to_line()},
-                                                 ensure_ascii=False))
+                    entry = {"index": i, "line": d.prediction.to_line(),
+                             "hit_max_new_tokens": d.hit_max_new_tokens}
+                    append_line(part, json.dumps(entry, ensure_ascii=False))
             os.fsync(part.fileno())
     except UserError as e:  # e.g. an image that cannot be read
         raise UserError(f"{e}; the predictions written so far are kept in {part.name}: "
@@ -170,7 +171,7 @@ def part_paths(out: Path) -> list[Path]:
 
 
 def read_parts(out: Path, header: dict) -> dict[int, dict]:
-    """Lines already written by earlier runs: input index -> pred line."""
+    """Entries already written by earlier runs: input index -> {"line", "hit_max_new_tokens"}."""
     done: dict[int, dict] = {}
     for path in part_paths(out):
         done |= read_part(path, header)
@@ -193,7 +194,7 @@ def read_part(path: Path, header: dict) -> dict[int, dict]:
         raise UserError(f"{path}: written by a run with other inputs or settings "
                         f"({', '.join(diff)} differ); rerun with those, or delete the .part "
                         "files to start again")
-    return {e["index"]: e["line"] for e in entries}
+    return {e["index"]: e for e in entries}
 
 
 def open_part(out: Path, rank: int, header: dict):
@@ -216,23 +217,26 @@ def append_line(part, text: str) -> None:
 
 
 def merge_parts(out: Path, header: dict, count: int) -> list[dict]:
-    """All parts -> PRED.jsonl in input order (atomically); the parts are then removed."""
+    """All parts -> PRED.jsonl in input order (atomically), then the parts are removed;
+    returns the entries in input order."""
     parts = part_paths(out)
     done = read_parts(out, header)
     missing = [i for i in range(count) if i not in done]
     assert not missing, f"no prediction for inputs {missing[:10]}"
-    lines = [done[i] for i in range(count)]
+    entries = [done[i] for i in range(count)]
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        for e in entries:
+            f.write(json.dumps(e["line"], ensure_ascii=False) + "\n")
     tmp.replace(out)
     for path in parts:
         path.unlink()
-    return lines
+    return entries
 
 
-def summary_line(lines: list[dict], out: Path, max_new_tokens: int) -> str:
+def summary_line(entries: list[dict], out: Path, max_new_tokens: int) -> str:
+    lines = [e["line"] for e in entries]
+
     def total(key: str) -> int:
         return sum(line[key] for line in lines)
 
@@ -240,9 +244,9 @@ def summary_line(lines: list[dict], out: Path, max_new_tokens: int) -> str:
             f"objects) to {out}; invalid rollouts {total('parse_invalid_rollout')}, "
             f"truncated {total('parse_truncated')}, "
             f"dropped objects {total('parse_dropped_invalid')}")
-    if total("parse_truncated"):
-        text += (f"\n{total('parse_truncated')} answers were cut before their end (at "
-                 f"--max-new-tokens {max_new_tokens} or mid-object): their complete objects are "
-                 "kept and the line says parse_truncated; raise --max-new-tokens if the images "
-                 "are crowded")
+    cut = sum(e["hit_max_new_tokens"] for e in entries)
+    if cut:
+        text += (f"\n{cut} answers reached --max-new-tokens {max_new_tokens} and were cut: "
+                 "their complete objects are kept (a cut inside the objects array counts as "
+                 "parse_truncated); raise --max-new-tokens if the images are crowded")
     return text
