@@ -60,8 +60,9 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
              attn_implementation: str = "sdpa", field_order: str = "desc_first") -> Detector:
-        """A model directory, a training checkpoint, or a run directory (its latest
-        checkpoint); `field_order` must be the one the model was trained with."""
+        """A model directory, a training checkpoint, or a run directory (its best kept
+        checkpoint, else its latest); `field_order` must be the one the model was trained
+        with."""
         model, processor = load_model(path, device=device, dtype=dtype,
                                       attn_implementation=attn_implementation)
         return cls(model, processor, field_order=field_order)
