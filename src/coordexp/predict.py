@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from coordexp.config import Config
 from coordexp.data.records import Record
-from coordexp.eval.predictions import Prediction, from_parse
-from coordexp.eval.scores import box_scores
+from coordexp.eval.predictions import Prediction, box_scores, from_parse
 from coordexp.parsing import ParseResult, parse_coordjson_tokens
 from coordexp.rollout import Rollout, generate_rollouts
 

@@ -1,5 +1,6 @@
 """Predictions, typed: one `Prediction` per image is what rollouts produce, what evaluation,
-monitor dumps and the predictions file read, and what a pred JSONL line holds.
+monitor dumps and the predictions file read, and what a pred JSONL line holds. Box scores come
+from the token log-probabilities (AP ranks by them; constant scores only when asked for).
 
 Pred JSONL line: {"images": [path], "width": W, "height": H,
                   "objects": [{"desc": str, "score": float, "bbox_2d": [x1, y1, x2, y2] pixels}],
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,13 @@ import numpy as np
 from coordexp.codec import CoordCodec
 from coordexp.data.records import Record
 from coordexp.errors import UserError
-from coordexp.eval.scores import box_scores
-from coordexp.parsing import REASONS, ParseResult, parse_coordjson, parse_coordjson_tokens
+from coordexp.parsing import (
+    REASONS,
+    ObjectTokens,
+    ParseResult,
+    parse_coordjson,
+    parse_coordjson_tokens,
+)
 
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
                   "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
@@ -71,6 +78,27 @@ def from_parse(gt: Record, result: ParseResult, scores: list[float],
     return Prediction(gt.image, gt.width, gt.height, [o["desc"] for o in result.objects],
                       _boxes(boxes), np.asarray(scores, dtype=np.float64), parse_counts(result),
                       raw_text, bins)
+
+
+def box_scores(token_logprobs: Sequence[float] | np.ndarray, tokens: Sequence[ObjectTokens],
+               *, desc_weight: float = 0.0) -> list[float]:
+    """One score per object: the geometric mean of its 4 coord-token probabilities, fused as
+    (1 - desc_weight) * geom + desc_weight * mean(desc-token probabilities) when desc_weight > 0.
+
+    token_logprobs [T]: log-probability of each generated token (natural log);
+    tokens: from parse_coordjson_tokens (indices into token_logprobs).
+    """
+    if not 0.0 <= desc_weight <= 1.0:
+        raise ValueError(f"desc_weight must be in [0, 1], got {desc_weight}")
+    logp = np.asarray(token_logprobs, dtype=np.float64)  # [T]
+    scores = []
+    for t in tokens:
+        geom = float(np.exp(logp[t.coords].mean()))
+        if desc_weight > 0 and t.desc:
+            desc = float(np.exp(logp[t.desc]).mean())
+            geom = (1.0 - desc_weight) * geom + desc_weight * desc
+        scores.append(geom)
+    return scores
 
 
 # -- reading pred JSONL lines ---------------------------------------------------------------
