@@ -261,6 +261,10 @@ def test_a_run_directory_loads_its_best_kept_checkpoint(tmp_path, best, chosen):
         (ckpt / "trainer_state.json").write_text(json.dumps({"best_step": best}))
     assert detector.model_dir(run) == run / "checkpoints" / f"step_{chosen:06d}"
     assert detector.model_dir(ckpt) == ckpt
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")  # an adapter checkpoint is a model too
+    assert detector.model_dir(adapter) == adapter
 
 
 def corrupt_model(model_dir, tmp_path):

@@ -31,6 +31,7 @@ from coordexp.rollout import generate_batch
 MAX_NEW_TOKENS = 3084  # the seed's evaluation budget: room for ~150 objects per image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
+MODEL_FILES = ("config.json", "adapter_config.json")  # a plain HF model; a PEFT adapter
 
 
 @dataclass(frozen=True)
@@ -172,19 +173,23 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto",
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model directory or a training checkpoint (config.json inside), or a run directory:
-    its best checkpoint (by the eval metric) if that was kept, else its latest."""
+    """A model directory or a training checkpoint (plain or adapter), or a run directory: its
+    best checkpoint (by the eval metric) if that was kept, else its latest."""
     path = Path(path)
-    if (path / "config.json").is_file():
+    if is_model_dir(path):
         return path
     if not (path / "checkpoints").is_dir():
         raise UserError(f"{path}: not a model directory, training checkpoint or run directory "
-                        "(no config.json and no checkpoints/)")
+                        f"(no {' or '.join(MODEL_FILES)} and no checkpoints/)")
     latest = latest_checkpoint(path)
     state = latest / "trainer_state.json"
     best_step = json.loads(state.read_text()).get("best_step") if state.is_file() else None
     best = checkpoint_dir(path, best_step) if best_step else latest
-    return best if (best / "config.json").is_file() else latest
+    return best if is_model_dir(best) else latest
+
+
+def is_model_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in MODEL_FILES)
 
 
 def resolve_device(device: str) -> torch.device:
