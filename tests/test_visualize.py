@@ -70,6 +70,14 @@ def test_boxes_are_drawn_on_their_edges_and_gt_is_dashed(dataset):
     assert 0.3 < green.mean() < 0.7 and (~green).any()
 
 
+def test_min_score_hides_lower_scored_boxes(dataset):
+    out = dataset / "vis"
+    assert main(["visualize", "--pred", str(dataset / "pred.jsonl"), "--out", str(out),
+                 "--min-score", "0.95"]) == 0
+    good = np.asarray(Image.open(next((out / "images").glob("*_good.png"))))
+    assert (good == 0).all()  # the 0.9 box is not drawn, and there is no GT to draw
+
+
 def test_without_gt_keeps_input_order_and_finds_images_beside_the_predictions(dataset):
     out = dataset / "vis"
     assert main(["visualize", "--pred", str(dataset / "pred.jsonl"), "--out", str(out)]) == 0
