@@ -142,6 +142,6 @@ def pack_batch(batch: Batch, rope_positions: Tensor, packs: list[list[int]]
 def _coord_places(layout: Layout, coord_b: Tensor, coord_t: Tensor) -> Tensor:
     """Packed row * L + column of each padded coord slot (b, t)."""
     rank = torch.empty_like(layout.order)
-    rank[layout.order] = torch.arange(len(layout.order))
+    rank[layout.order] = torch.arange(len(layout.order), device=rank.device)
     seg = layout.segments[rank[coord_b]]  # [N, 3]
     return seg[:, 0] * layout.shape[1] + seg[:, 1] + coord_t
