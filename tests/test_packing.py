@@ -73,6 +73,8 @@ def test_a_sample_longer_than_a_row_is_named_or_runs_alone():
 def test_segments_are_runs_of_consecutive_text_positions():
     positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 0]])
     assert segment_bounds(positions) == [[(0, 3), (3, 5), (5, 6)], [(0, 5), (5, 6)]]
+    left_padded = torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])  # generation's pads: 1
+    assert segment_bounds(left_padded) is None
 
 
 def test_data_order_permutes_packs_and_resumes_exactly():

@@ -19,10 +19,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
-def segment_bounds(text_positions: Tensor) -> list[list[tuple[int, int]]]:
-    """Per row of [R, L] text positions, the (start, end) of each run that counts up by 1."""
+def segment_bounds(text_positions: Tensor) -> list[list[tuple[int, int]]] | None:
+    """Per row of [R, L] text positions, the (start, end) of each sample: the runs 0, 1, 2, ...
+    None unless every run starts at 0 (a packed layout): generation's left padding, for one,
+    gives its pads position 1 and must keep the mask it comes with."""
     starts = torch.diff(text_positions, dim=-1) != 1  # [R, L - 1]: column t + 1 starts one
     starts = torch.cat([torch.ones_like(starts[:, :1]), starts], dim=-1)  # [R, L]
+    if not bool((text_positions[starts] == 0).all()):
+        return None
     L = text_positions.shape[1]
     bounds = []
     for row in starts.tolist():
@@ -34,10 +38,10 @@ def segment_bounds(text_positions: Tensor) -> list[list[tuple[int, int]]]:
 def packed_sdpa(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, *,
                 position_ids: Tensor | None = None, **kwargs) -> tuple[Tensor, None]:
     """query [R, H, L, d], key / value [R, Hkv, L, d] -> ([R, L, H, d], None)."""
-    packed = position_ids is not None and position_ids.ndim == 2 and \
+    aligned = position_ids is not None and position_ids.ndim == 2 and \
         query.shape[2] == key.shape[2] == position_ids.shape[1]
-    bounds = segment_bounds(position_ids) if packed else []
-    if not packed or all(len(b) == 1 for b in bounds):
+    bounds = segment_bounds(position_ids) if aligned else None
+    if bounds is None or all(len(b) == 1 for b in bounds):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     for r, segments in enumerate(bounds):
