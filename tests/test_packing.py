@@ -37,7 +37,7 @@ from coordexp.model.adapter import hidden_states, pack_rows, rope_position_ids
 from coordexp.model.packed_attention import NAME, segment_bounds
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
-from coordexp.rollout import Rollout
+from coordexp.rollout import Rollout, generate_rollouts
 from coordexp.train import stage2
 from coordexp.train.data_order import DataOrder
 from coordexp.train.loop import train
@@ -304,6 +304,22 @@ def test_perturbing_one_sample_leaves_the_others_logits_bitwise_unchanged(setup,
     assert torch.equal(base[~mine], moved[~mine])
     assert not torch.equal(base[mine], moved[mine])
     assert not torch.equal(base[start + n:], crossed[start + n:])
+
+
+def test_rollouts_after_packing_equal_those_on_stock_sdpa(setup):
+    """In-training evaluation generates with the model pack_rows switched: its left-padded
+    prefill (images of two sizes) keeps the padding mask, so rollouts do not change."""
+    model, collator, _, records = setup
+    cfg = RolloutConfig(max_new_tokens=6, batch_size=2)
+    runs = {}
+    for name in (NAME, "sdpa"):
+        with attention(model, name):
+            runs[name] = generate_rollouts(model, collator.processor, records[:2], cfg,
+                                           progress=False)
+    for a, b in zip(runs[NAME], runs["sdpa"], strict=True):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.token_logprobs),
+                                   torch.tensor(b.token_logprobs))
 
 
 def test_pack_batch_moves_images_with_their_samples(setup):
