@@ -39,6 +39,10 @@ CASES = {
     "bad_coord_token": (good(objects=[{"desc": "c", "bbox_2d": ["<|coord_1|>"] * 3 +
                                        ["<|coord_1000|>"]}]), "invalid coord token"),
     "missing_image": (good(images=["nope.png"]), "not found"),
+    "second_geometry": (good(objects=[{"desc": "c", "bbox_2d": [1, 2, 30, 40],
+                                       "poly": [1, 2, 30, 2, 30, 40]}]), "unknown key 'poly'"),
+    "mask_rle": (good(objects=[{"desc": "c", "bbox_2d": [1, 2, 30, 40], "mask_rle": "x"}]),
+                 "object 0: unknown key 'mask_rle'"),
 }
 
 

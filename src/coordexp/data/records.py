@@ -15,6 +15,7 @@ from coordexp.codec import CoordCodec
 from coordexp.errors import UserError
 
 REQUIRED_KEYS = ("images", "width", "height", "objects")
+OBJECT_KEYS = ("desc", "bbox_2d")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Reco
 def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> DetObject:
     if not isinstance(o, dict) or "desc" not in o or "bbox_2d" not in o:
         raise UserError(f"{where}: needs 'desc' and 'bbox_2d'")
+    unknown = [k for k in o if k not in OBJECT_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (an object holds only 'desc' and "
+                        "'bbox_2d'; other geometry is not supported and would be dropped)")
     desc = o["desc"]
     if not isinstance(desc, str) or not desc.strip():
         raise UserError(f"{where}: 'desc' must be a non-empty string")

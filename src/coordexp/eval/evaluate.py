@@ -171,6 +171,9 @@ def _read_objects(obj: dict, where: str, opts: EvalOptions) -> PredImage:
     finite = np.isfinite(boxes).all(1) & np.isfinite(scores)  # [P]
     if not finite.all():
         raise UserError(f"{where}: object {int(np.argmin(finite))}: box and score must be finite")
+    if need_score and not ((scores >= 0) & (scores <= 1)).all():  # scores rank: 1.2 is a bug
+        i = int(np.argmax((scores < 0) | (scores > 1)))
+        raise UserError(f"{where}: object {i}: score {scores[i]} is outside [0, 1]")
     parse = {}
     for key in PARSE_COUNTERS:
         value = obj.get(key, 0)
