@@ -28,6 +28,7 @@ from coordexp.eval.coco_map import (
     semantic_available,
 )
 from coordexp.eval.f1 import F1Counts, ImageMatch, MatchOptions, f1_metrics, match_images
+from coordexp.eval.lvis import drop_unverified, federated_labels, federated_names
 from coordexp.eval.scores import box_scores
 from coordexp.parsing import REASONS, ParseResult, parse_coordjson, parse_coordjson_tokens
 
@@ -87,7 +88,9 @@ def _evaluate(gt_records: list[Record], preds: list[tuple[object, str]], opts: E
     aligned = _align(gt_records, preds, source)
     pred_images = [_read_prediction(obj, where, gt, opts) if obj is not None else None
                    for gt, (obj, where) in zip(gt_records, aligned, strict=True)]
-    categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
+    lvis_names = federated_names(gt_records)  # None unless the GT carries LVIS labels
+    categories = list(dict.fromkeys([o.desc for r in gt_records for o in r.objects]
+                                    + (lvis_names or [])))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
     if semantic and not semantic_available():
         raise UserError("semantic desc mapping needs the sentence encoder: "
@@ -95,6 +98,10 @@ def _evaluate(gt_records: list[Record], preds: list[tuple[object, str]], opts: E
     mapper = DescMapper(categories, semantic=semantic, threshold=opts.semantic_threshold)
     gt_dets = [_gt_detections(r, mapper) for r in gt_records]
     pred_dets = _pred_detections(pred_images, mapper)
+    federated, lvis_ignored = None, 0
+    if lvis_names is not None:
+        federated = federated_labels(gt_records, mapper.cache)
+        pred_dets, lvis_ignored = drop_unverified(pred_dets, gt_dets, federated)
     match_opts = MatchOptions(opts.iou_gate, opts.candidate_top_k, opts.fp_cost, opts.fn_cost)
     matches = match_images([p.boxes for p in pred_dets], [g.boxes for g in gt_dets], match_opts)
     counts, per_image = F1Counts(), []
@@ -102,11 +109,13 @@ def _evaluate(gt_records: list[Record], preds: list[tuple[object, str]], opts: E
         counts.add(len(p.boxes), len(g.boxes), m)
         per_image.append(_image_row(r, g, p, pi, m))
     stats, per_class = coco_box_ap(gt_dets, pred_dets, [(r.width, r.height) for r in gt_records],
-                                   categories)
+                                   categories, federated)
     merged = stats | f1_metrics(counts)
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(pred_images, pred_dets, mapper, categories)
+    if federated is not None:
+        counters["lvis_unverified_ignored"] = lvis_ignored
     return Evaluation(metrics, counters, per_class, per_image)
 
 
