@@ -12,8 +12,6 @@ from coordexp.config import load_config
 from coordexp.errors import UserError
 from coordexp.train.loop import train
 
-pytest.importorskip("wandb")
-
 
 def wandb_records(path: Path):
     """The protobuf records of an offline run file (.wandb: a LevelDB-style log of 32 KiB
@@ -62,6 +60,7 @@ def _key(item) -> str:
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_logging_jsonl_scalars(synth_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = load_config(None, [

@@ -20,7 +20,7 @@ from coordexp.errors import UserError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # an HF model directory with the coord tokens (see `coordexp model ...`)
+    path: str = ""  # an HF model directory with the coord tokens, or a hub id in the HF cache
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
     max_pixels: int = 448 * 448
