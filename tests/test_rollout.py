@@ -209,7 +209,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(vlm, mixed_records):
 def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
     model, processor = vlm
     cfg = Config(rollout=RolloutConfig(max_new_tokens=32, constrained=True, do_sample=True))
-    preds = predict_records(model, processor, mixed_records, cfg, progress=False)
+    preds = [p.to_line() for p in predict_records(model, processor, mixed_records, cfg,
+                                                  progress=False)]
     ro = generate_rollouts(model, processor, mixed_records, cfg.rollout, progress=False,
                            seed=cfg.training.seed)
     assert sum(len(p["objects"]) for p in preds) > 0
@@ -221,7 +222,7 @@ def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
         assert [o["bbox_2d"] for o in pred["objects"]] == [
             CoordCodec().box_bins_to_px(o["bbox_2d"], rec.width, rec.height)
             for o in parsed.objects]
-        assert all(o["score"] == 1.0 for o in prediction(rec, r, constant)["objects"])
+        assert all(o["score"] == 1.0 for o in prediction(rec, r, constant).to_line()["objects"])
 
 
 @pytest.mark.parametrize("field_order", ["desc_first", "geometry_first"])

@@ -17,7 +17,7 @@ from coordexp.train.loop import (
     run_micro_steps,
     train,
 )
-from coordexp.train.step import StepOutput
+from coordexp.train.terms import StepOutput
 
 BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
         "training.effective_batch_size=4", "training.per_device_batch_size=2",
@@ -97,6 +97,7 @@ CONFIG_ERRORS = {
     "bad_choice": (["stage2_ab.coord_ctx_embed_mode=fuzzy"], "stage2_ab.coord_ctx_embed_mode"),
     "impossible_batch": (["training.effective_batch_size=5"], "effective_batch_size"),
     "b_ratio_range": (["stage2_ab.schedule.b_ratio=1.5"], "stage2_ab.schedule.b_ratio"),
+    "moved_match_key": (["rollout.iou_gate=0.5"], "moved to 'match.iou_gate'"),
 }
 
 

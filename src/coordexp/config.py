@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from coordexp.errors import UserError
+from coordexp.matching import MatchConfig
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,6 @@ class RolloutConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     constrained: bool = False  # CoordJSON grammar: coord slots emit only coord tokens
-    candidate_top_k: int = 10
-    iou_gate: float = 0.3
-    fp_cost: float = 1.0
-    fn_cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +139,7 @@ class Config:
     coord_soft_ce_w1: CoordSoftCEW1Config = field(default_factory=CoordSoftCEW1Config)
     stage2_ab: Stage2ABConfig = field(default_factory=Stage2ABConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor_dump: MonitorDumpConfig = field(default_factory=MonitorDumpConfig)
 
@@ -163,6 +161,7 @@ CHOICES = {
     "stage2_ab.channel_a_impl": ("fast", "reference"),
     "eval.score": ("coord_prob", "fused", "constant"),
 }
+MOVED = {f"rollout.{k.name}": f"match.{k.name}" for k in dataclasses.fields(MatchConfig)}
 
 
 # -- building dataclasses from dicts ---------------------------------------------------------
@@ -208,6 +207,9 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in MOVED:
+            raise UserError(f"config key '{dotted}' moved to '{MOVED[dotted]}' (one matching "
+                            "config for Channel B and evaluation)")
         if key not in names:
             raise UserError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], dotted)

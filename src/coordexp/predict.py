@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from coordexp.codec import CoordCodec
 from coordexp.config import Config, DataConfig, RolloutConfig
 from coordexp.data.records import Record, read_records
 from coordexp.errors import UserError
+from coordexp.eval.predictions import Prediction, from_parse
 from coordexp.eval.scores import box_scores
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import ParseResult, parse_coordjson_tokens
@@ -20,30 +20,16 @@ FUSED_DESC_WEIGHT = 0.5  # eval.score = fused: (1 - w) * coord geometric mean + 
 
 
 def predict_records(model, processor, records: list[Record], cfg: Config, *,
-                    progress: bool = True) -> list[dict]:
-    """Rollout -> token-aligned parse -> box scores -> one `coordexp eval` line per record:
-    {"images", "width", "height", "objects": [{"desc", "bbox_2d" (pixels xyxy), "score"}],
-     "raw_text", "parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
-     "parse_dropped_ambiguous", "parse_dropped_<reason>" (counts)}."""
+                    progress: bool = True) -> list[Prediction]:
+    """Rollout -> token-aligned parse -> box scores -> one Prediction per record."""
     rollouts = generate_rollouts(model, processor, records, cfg.rollout, progress=progress,
                                  seed=cfg.training.seed, field_order=cfg.data.field_order)
     return [prediction(r, ro, cfg) for r, ro in zip(records, rollouts, strict=True)]
 
 
-def prediction(record: Record, rollout: Rollout, cfg: Config) -> dict:
+def prediction(record: Record, rollout: Rollout, cfg: Config) -> Prediction:
     result = parse_coordjson_tokens(rollout.pieces, field_order=cfg.data.field_order)
-    scores = object_scores(rollout, result, cfg.eval.score)
-    codec = CoordCodec()
-    objects = [{"desc": o["desc"], "score": s,
-                "bbox_2d": codec.box_bins_to_px(o["bbox_2d"], record.width, record.height)}
-               for o, s in zip(result.objects, scores, strict=True)]
-    parse = {"parse_invalid_rollout": int(result.invalid_rollout),
-             "parse_truncated": int(result.truncated),
-             "parse_dropped_invalid": result.dropped_invalid,
-             "parse_dropped_ambiguous": result.dropped_ambiguous}
-    parse |= {f"parse_dropped_{k}": v for k, v in result.dropped_by_reason.items()}
-    return {"images": [record.image], "width": record.width, "height": record.height,
-            "objects": objects, "raw_text": rollout.text} | parse
+    return from_parse(record, result, object_scores(rollout, result, cfg.eval.score), rollout.text)
 
 
 def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[float]:
@@ -73,14 +59,17 @@ def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | 
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for pred in preds:
-            f.write(json.dumps(pred, ensure_ascii=False) + "\n")
+            f.write(json.dumps(pred.to_line(), ensure_ascii=False) + "\n")
     tmp.replace(out)
     print(summary_line(preds, out))
     return 0
 
 
-def summary_line(preds: list[dict], out: Path) -> str:
-    return (f"wrote {len(preds)} predictions ({sum(len(p['objects']) for p in preds)} objects) "
-            f"to {out}; invalid rollouts {sum(p['parse_invalid_rollout'] for p in preds)}, "
-            f"truncated {sum(p['parse_truncated'] for p in preds)}, "
-            f"dropped objects {sum(p['parse_dropped_invalid'] for p in preds)}")
+def summary_line(preds: list[Prediction], out: Path) -> str:
+    def total(key: str) -> int:
+        return sum(p.parse[key] for p in preds)
+
+    return (f"wrote {len(preds)} predictions ({sum(len(p.descs) for p in preds)} objects) "
+            f"to {out}; invalid rollouts {total('parse_invalid_rollout')}, "
+            f"truncated {total('parse_truncated')}, "
+            f"dropped objects {total('parse_dropped_invalid')}")

@@ -8,17 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from coordexp.matching import Match, build_pair_table, count_matches, match_pair_table
+from coordexp.matching import Match, MatchConfig, build_pair_table, count_matches, match_pair_table
 
 FIXED_THRESHOLDS = (0.5, 0.75)
-
-
-@dataclass(frozen=True)
-class MatchOptions:
-    iou_gate: float = 0.3
-    candidate_top_k: int = 10
-    fp_cost: float = 1.0
-    fn_cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,12 +22,12 @@ class ImageMatch:
 
 
 def match_images(preds_xyxy: list[np.ndarray], gts_xyxy: list[np.ndarray],
-                 opts: MatchOptions) -> list[ImageMatch]:
+                 cfg: MatchConfig) -> list[ImageMatch]:
     """Match every image ([P_i, 4] vs [G_i, 4]) at the gate and at each fixed threshold, from
     one table of pair IoUs and candidates."""
-    table = build_pair_table(preds_xyxy, gts_xyxy, opts.candidate_top_k)
-    costs = {"fp_cost": opts.fp_cost, "fn_cost": opts.fn_cost}
-    gated = match_pair_table(table, iou_gate=opts.iou_gate, **costs)
+    table = build_pair_table(preds_xyxy, gts_xyxy, cfg.candidate_top_k)
+    costs = {"fp_cost": cfg.fp_cost, "fn_cost": cfg.fn_cost}
+    gated = match_pair_table(table, iou_gate=cfg.iou_gate, **costs)
     at = {t: count_matches(table, iou_gate=t, **costs).tolist() for t in FIXED_THRESHOLDS}
     return [ImageMatch(m, {t: at[t][i] for t in FIXED_THRESHOLDS}) for i, m in enumerate(gated)]
 
@@ -66,9 +58,12 @@ class F1Counts:
 
 
 def precision_recall_f1(matched: int, num_pred: int, num_gt: int) -> tuple[float, float, float]:
-    """Micro P, R, F1; 0 where a denominator is 0."""
-    p = matched / num_pred if num_pred else 0.0
-    r = matched / num_gt if num_gt else 0.0
+    """P, R, F1 of matched / num_pred / num_gt (summed over images for micro values). Empty
+    cases: with no predictions precision is 1 only if there is no GT either (nothing was
+    wrongly predicted), with no GT recall is 1 only if nothing was predicted; so an empty
+    answer to an empty image scores 1, and any answer to it, or no answer to objects, 0."""
+    p = matched / num_pred if num_pred else float(not num_gt)
+    r = matched / num_gt if num_gt else float(not num_pred)
     return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 

@@ -1,10 +1,10 @@
-"""LVIS federated evaluation: which predictions an image can judge, from its GT record.
+"""LVIS federated evaluation: which categories each image can judge, from its GT record.
 
 An LVIS image is checked only for some categories: those with a GT box on it (verified
-present) and those listed in `neg_categories` (verified absent). A prediction of any other
-category is ignored, neither TP nor FP; one of a negative category is a false positive. In AP,
-unmatched predictions of `not_exhaustive_categories` are ignored too (faster-coco-eval's
-lvis_style, which reads the same lists from the COCO images built in coco_map.py).
+present) and those listed in `neg_categories` (verified absent). In AP a prediction of any other
+category is ignored, neither TP nor FP; one of a negative category is a false positive, and
+unmatched predictions of `not_exhaustive_categories` are ignored. faster-coco-eval's lvis_style
+applies these rules, from the lists coco_map.py puts on its COCO images.
 """
 
 from __future__ import annotations
@@ -50,13 +50,9 @@ def federated_labels(records: list[Record], index: dict[str, int]) -> list[Feder
             for r in records]
 
 
-def drop_unverified(preds: list[Detections], gts: list[Detections],
-                    federated: list[Federated]) -> tuple[list[Detections], int]:
-    """Keep predictions of categories present on or negative for their image; count the rest.
-    Predictions without a category (label -1) stay, to be counted where they always are."""
-    kept, ignored = [], 0
-    for p, g, f in zip(preds, gts, federated, strict=True):
-        keep = np.isin(p.labels, np.concatenate([g.labels, f.neg])) | (p.labels < 0)  # [P]
-        ignored += int((~keep).sum())
-        kept.append(Detections(p.boxes[keep], p.labels[keep], p.scores[keep]))
-    return kept, ignored
+def count_unverified(preds: list[Detections], gts: list[Detections],
+                     federated: list[Federated]) -> int:
+    """Predictions of a category neither present on nor negative for their image: the ones
+    federated AP ignores."""
+    return sum(int((~np.isin(p.labels, np.concatenate([g.labels, f.neg])) & (p.labels >= 0)
+                    ).sum()) for p, g, f in zip(preds, gts, federated, strict=True))

@@ -14,6 +14,7 @@ If the sample had dropped-invalid objects, the appended struct tokens are weight
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -82,13 +83,12 @@ def prefix_tokens(rollout: Rollout, parse: ParseResult, tokenizer
 def build_target(rollout: Rollout, record: Record, collator: Collator,
                  cfg: Config) -> SampleTarget:
     """Parse -> match -> the supervised answer for one rollout."""
-    codec, order, r = collator.codec, cfg.data.field_order, cfg.rollout
+    codec, order = collator.codec, cfg.data.field_order
     parse = parse_coordjson_tokens(rollout.pieces, field_order=order)
     gt = sorted_objects_bins(record, codec)  # [(desc, bins)] in the canonical order
     pred_bins = np.array([o["bbox_2d"] for o in parse.objects], dtype=float).reshape(-1, 4)
     gt_bins = np.array([b for _, b in gt], dtype=float).reshape(-1, 4)
-    match = match_boxes(pred_bins, gt_bins, candidate_top_k=r.candidate_top_k,
-                        iou_gate=r.iou_gate, fp_cost=r.fp_cost, fn_cost=r.fn_cost)
+    match = match_boxes(pred_bins, gt_bins, **dataclasses.asdict(cfg.match))
     text, prefix = prefix_tokens(rollout, parse, collator.tokenizer)
     types, bins = _prefix_supervision(text, prefix, parse, match.pairs, gt)
     missed = [gt[j] for j in sorted(match.fn_indices)]
