@@ -232,6 +232,19 @@ def test_voc_difficult_objects_are_flagged_or_dropped_and_counted(tmp_path, caps
     assert "skipped 2 difficult objects" in printed
 
 
+def test_files_left_out_are_counted_by_reason(tmp_path, capsys):
+    yolo = write_yolo(tmp_path / "yolo")
+    (yolo / "images" / "train" / "notes.txt").write_text("not an image")
+    (yolo / "labels" / "train" / "z.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    printed = convert(["yolo", "--root", str(yolo), "--out", str(tmp_path / "y.jsonl")], capsys)
+    assert "wrote 3 records" in printed
+    assert "skipped 1 label files without image, 1 non image files" in printed
+    voc = write_voc(tmp_path / "voc")
+    Image.new("RGB", (8, 8)).save(voc / "JPEGImages" / "unlabelled.png")
+    printed = convert(["voc", "--root", str(voc), "--out", str(tmp_path / "v.jsonl")], capsys)
+    assert printed.strip().endswith("; skipped 1 images without annotation")
+
+
 def test_voc_image_set_selects_ids_in_its_order(tmp_path, capsys):
     root = write_voc(tmp_path / "voc")
     (root / "ImageSets" / "Main").mkdir(parents=True)

@@ -32,7 +32,11 @@ def voc_to_records(root: Path, out_dir: Path, *, difficult: str = "keep",
         paths = sorted(ann_dir.glob("*.xml"))
     skipped: Counter = Counter()
     records = [_convert(p, root / "JPEGImages", out_dir, difficult, skipped) for p in paths]
-    return records, skipped
+    if not image_set:  # images no annotation names (a test split, say) are counted, not lost
+        named = {r.image_path.resolve() for r in records}
+        skipped["images_without_annotation"] = sum(
+            p.resolve() not in named for p in (root / "JPEGImages").iterdir() if p.is_file())
+    return records, +skipped  # unary + drops zero counts
 
 
 def _read_image_set(path: Path) -> list[str]:
