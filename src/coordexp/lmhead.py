@@ -6,7 +6,6 @@ and passes the LM-head weight W [V, D]. From them:
 - `vocab_logsumexp`: logsumexp(h W^T / tau) over the full vocabulary, [N], chunked over V by an
   autograd Function that saves only h, W and the result and recomputes chunks in backward;
 - `label_logits`: the target column at each row, [N], so token CE = vocab_lse - label_logit;
-- `vocab_logits`: full float32 logits, for the few rows where a caller really needs them.
 `HiddenHead` serves them from hidden states at named `Rows`, `LogitsHead` from full logits (the
 reference path), and `joint_vocab_lse` takes several row sets through one LM-head call.
 Pure torch; no transformers import.
@@ -43,12 +42,6 @@ def label_logits(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """Logit of each row's target token: h [N, D], W [V, D], labels [N] -> [N] float32."""
     dtype = _head_dtype(h, weight)
     return (h.to(dtype) * weight.index_select(0, labels).to(dtype)).sum(-1)
-
-
-def vocab_logits(h: Tensor, weight: Tensor) -> Tensor:
-    """Full float32 logits at the given rows only (e.g. supervised text rows): [N, D] -> [N, V]."""
-    dtype = _head_dtype(h, weight)
-    return h.to(dtype) @ weight.to(dtype).T
 
 
 class _VocabLogSumExp(torch.autograd.Function):
