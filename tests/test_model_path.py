@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from coordexp.cli import main
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -40,13 +42,12 @@ def test_a_cached_hub_id_loads_from_its_snapshot(tmp_path, tiny_dir):
     assert loaded.startswith("qwen3_vl ")
 
 
-def test_an_uncached_hub_id_is_one_clear_error(tmp_path, capsys):
-    code = main(["model", "add-coord-tokens", "--src", "nobody/not-cached-vl", "--dst",
-                 str(tmp_path / "out")])
+@pytest.mark.parametrize("name", ["nobody/not-cached-vl", "../missing", "runs/run--1"])
+def test_an_uncached_hub_id_or_missing_path_is_one_clear_error(tmp_path, capsys, name):
+    code = main(["model", "add-coord-tokens", "--src", name, "--dst", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "nobody/not-cached-vl: no such directory, and no such model in the local" in err
-    assert "hf download nobody/not-cached-vl" in err
+    assert f"{name}: no such directory, and no such model in the local" in err
 
 
 def test_a_directory_wins_over_a_hub_id_of_the_same_name(tmp_path, tiny_dir, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import transformers as T
 from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from coordexp.errors import UserError
 
@@ -59,7 +59,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         return Path(path)
     try:
         return Path(snapshot_download(str(path), local_files_only=True))
-    except LocalEntryNotFoundError:
+    except (LocalEntryNotFoundError, HFValidationError):  # not cached; not a valid hub id
         raise UserError(f"{path}: no such directory, and no such model in the local Hugging Face "
                         f"cache ({constants.HF_HUB_CACHE}); fetch it with `hf download {path}`, "
                         "or point HF_HOME at the cache that holds it") from None
