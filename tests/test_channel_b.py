@@ -23,7 +23,7 @@ from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.rollout import Rollout
 from coordexp.train import stage2
 from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
-from coordexp.train.stage2 import channel_b_step, make_stage2_step
+from coordexp.train.stage2 import Stage2Step, channel_b_step
 
 CODEC = CoordCodec()
 # a 1000 x 1000 image: pixel coordinates are bins (round(999 x / 999) = x)
@@ -274,8 +274,7 @@ def test_real_rollouts_feed_a_step_and_the_schedule_routes_channels(model, recor
     """b_ratio 0.5: step 0 is Channel A, step 1 Channel B with the tiny model's own rollouts."""
     cfg = Config(stage2_ab=Stage2ABConfig(schedule=ScheduleConfig(b_ratio=0.5)),
                  rollout=RolloutConfig(max_new_tokens=6, batch_size=2))
-    step_fn = make_stage2_step(model, collator, cfg,
-                               torch.tensor(CODEC.token_ids(collator.tokenizer)))
+    step_fn = Stage2Step(model, collator, cfg, torch.tensor(CODEC.token_ids(collator.tokenizer)))
     with torch.no_grad():
         a, b = step_fn([record, record], 0), step_fn([record, record], 1)
     assert finalize_stats(a.stats)["stage2/channel_a"] == 1.0

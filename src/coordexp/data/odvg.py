@@ -10,29 +10,22 @@ on the record as `caption`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
 
 from coordexp.data.coco import load_json
-from coordexp.data.records import DetObject, Record
+from coordexp.data.records import DetObject, Record, iter_jsonl
 from coordexp.errors import UserError
 
 
 def odvg_to_records(path: Path, images_dir: Path, out_dir: Path, *,
                     label_map: dict[str, str] | None = None) -> tuple[list[Record], Counter]:
-    """Convert every line of an ODVG file; returns records and counts of what was skipped."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                records.append(_convert(line, f"{path}:{lineno}", images_dir, out_dir,
-                                        label_map or {}))
-    return records, Counter()
+    """Convert every line of an ODVG file; returns records and counts of what was skipped
+    (none: every problem is an error)."""
+    return [_convert(obj, where, images_dir, out_dir, label_map or {})
+            for obj, where in iter_jsonl(path)], Counter()
 
 
 def read_label_map(path: Path) -> dict[str, str]:
@@ -42,12 +35,8 @@ def read_label_map(path: Path) -> dict[str, str]:
     return labels
 
 
-def _convert(line: str, where: str, images_dir: Path, out_dir: Path,
+def _convert(obj: object, where: str, images_dir: Path, out_dir: Path,
              label_map: dict[str, str]) -> Record:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict) or not all(k in obj for k in ("filename", "width", "height")):
         raise UserError(f"{where}: needs 'filename', 'width' and 'height'")
     w, h = obj["width"], obj["height"]

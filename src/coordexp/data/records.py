@@ -10,6 +10,7 @@ scored as any object). Any other object key is an error; other record keys are k
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,27 +116,31 @@ def image_size(path: Path) -> tuple[int, int]:
         raise UserError(f"{path}: cannot read the image ({e})") from None
 
 
-def read_records(path: str | Path, *, check_images: bool = True,
-                 codec: CoordCodec | None = None) -> list[Record]:
-    """Read and validate a JSONL file; any problem raises UserError naming file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[object, str]]:
+    """The decoded JSON value of every non-blank line, with its "file:line"."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    codec = codec or CoordCodec()
-    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                yield json.loads(line), f"{path}:{lineno}"
             except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rec = parse_record(obj, where, path.parent, codec)
-            if check_images and not rec.image_path.is_file():
-                raise UserError(f"{where}: image file {rec.image_path} not found")
-            records.append(rec)
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+                                ) from None
+
+
+def read_records(path: str | Path, *, check_images: bool = True,
+                 codec: CoordCodec | None = None) -> list[Record]:
+    """Read and validate a JSONL file; any problem raises UserError naming file and line."""
+    codec, records = codec or CoordCodec(), []
+    for obj, where in iter_jsonl(path):
+        rec = parse_record(obj, where, Path(path).parent, codec)
+        if check_images and not rec.image_path.is_file():
+            raise UserError(f"{where}: image file {rec.image_path} not found")
+        records.append(rec)
     return records
 
 

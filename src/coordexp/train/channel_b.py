@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from coordexp.config import Config
-from coordexp.data.collate import COORD, DESC, STRUCT, Batch, Collator, load_image
+from coordexp.data.collate import COORD, DESC, STRUCT, Batch, Collator
 from coordexp.data.records import Record
 from coordexp.data.render import render_object, sorted_objects_bins
 from coordexp.matching import match_boxes
@@ -171,15 +171,8 @@ def encode_targets(collator: Collator, records: list[Record],
                    targets: list[SampleTarget]) -> tuple[Batch, torch.Tensor]:
     """Prompt + image + answer tokens -> a right-padded Batch whose coord slots are exactly
     the supervised ones (targets from the GT), and the CE weights [B, T]."""
-    prompt = collator.prompt_text()
-    rows, types, vision, prompt_lens = [], [], [], []
-    for record, target in zip(records, targets, strict=True):
-        enc = collator.processor(text=[prompt], images=[load_image(record)], return_tensors="pt")
-        rows.append(enc["input_ids"][0].tolist() + target.ids)
-        types.append([0] * enc["input_ids"].shape[1] + target.types)
-        vision.append(enc)
-        prompt_lens.append(enc["input_ids"].shape[1])
-    batch = collator.pad(records, rows, types, vision, prompt_lens)
+    batch = collator.encode(records, [(t.ids, t.types) for t in targets])
+    prompt_lens = batch.prompt_lens.tolist()
     weights = torch.zeros(batch.token_type.shape)
     bins = torch.full(batch.token_type.shape, NO_TARGET)
     for b, (p, target) in enumerate(zip(prompt_lens, targets, strict=True)):

@@ -137,6 +137,3 @@ class Stage2Step:
         out.stats |= schedule_stats(optimizer_step, b_ratio)
         return out
 
-
-def make_stage2_step(model, collator: Collator, cfg: Config, coord_ids: Tensor) -> Stage2Step:
-    return Stage2Step(model, collator, cfg, coord_ids)

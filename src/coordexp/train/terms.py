@@ -55,16 +55,15 @@ def add_stats(total: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Ten
     return total
 
 
-def mean_stat(values: Tensor, mask: Tensor) -> Tensor:
-    """The (sum, count) pair of values [M] where mask [M]."""
+def mean_stat(values: Tensor, mask: Tensor) -> Tensor:  # the pair of values [M] where mask [M]
     return stat(weighted_mean(values.detach(), mask.float()), int(mask.sum()))
 
 
 # -- rows -------------------------------------------------------------------------------------
 def typed_rows(batch: Batch, kinds: tuple[int, ...]) -> Rows:
     """Answer positions whose token type is one of kinds."""
-    mask = torch.isin(batch.token_type, torch.tensor(kinds, device=batch.token_type.device))
-    return Rows(*mask.nonzero(as_tuple=True))
+    kinds = torch.tensor(kinds, device=batch.token_type.device)
+    return Rows(*torch.isin(batch.token_type, kinds).nonzero(as_tuple=True))
 
 
 def text_rows(batch: Batch) -> tuple[Rows, Tensor]:
@@ -73,8 +72,7 @@ def text_rows(batch: Batch) -> tuple[Rows, Tensor]:
     return rows, batch.token_type[rows.b, rows.t] == STRUCT
 
 
-def slot_rows(batch: Batch) -> Rows:
-    """The supervised coord slots, 4 per box in box order; targets in batch.coord_bins [N]."""
+def slot_rows(batch: Batch) -> Rows:  # coord slots, 4 per box; targets: batch.coord_bins [N]
     return Rows(batch.coord_b, batch.coord_t)
 
 
