@@ -102,6 +102,7 @@ def test_lvis_file_to_eval_from_the_command_line(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     assert main(["eval", "--gt", str(gt), "--pred", str(tmp_path / "p.jsonl"), "--out",
                  str(tmp_path / "ev"), "--semantic", "off"]) == 0
+    assert "lvis: federated AP; unverified_ignored 1" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["mAP"] == pytest.approx(0.75)
     counters = json.loads((tmp_path / "ev" / "counters.json").read_text())

@@ -225,7 +225,8 @@ def format_table(ev: Evaluation) -> str:
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
         f"  images_without_pred_record {c['images_without_pred_record']}",
-    ])
+    ] + ([f"lvis: federated AP; unverified_ignored {c['lvis_unverified_ignored']}"]
+         if "lvis_unverified_ignored" in c else []))
 
 
 def _show(v: float | int) -> str:
