@@ -252,6 +252,11 @@ def test_voc_image_set_selects_ids_in_its_order(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     convert(["voc", "--root", str(root), "--image-set", "val", "--out", str(out)], capsys)
     assert [r["images"][0].rsplit("/", 1)[1] for r in records_in(out)] == ["c.png", "a.png"]
+    (root / "ImageSets" / "Main" / "val.txt").write_text("c\nmissing\n")
+    assert main(["data", "voc", "--root", str(root), "--image-set", "val", "--out",
+                 str(out)]) == 2
+    assert f"val.txt:2: no annotation {root / 'Annotations' / 'missing.xml'}" in \
+        capsys.readouterr().err
 
 
 # -- to-coco -----------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ def voc_to_records(root: Path, out_dir: Path, *, difficult: str = "keep",
     if not ann_dir.is_dir():
         raise UserError(f"{ann_dir}: no such folder (expected Annotations/ and JPEGImages/)")
     if image_set:
-        ids = _read_image_set(root / "ImageSets" / "Main" / f"{image_set}.txt")
-        paths = [ann_dir / f"{i}.xml" for i in ids]
+        paths = _read_image_set(root / "ImageSets" / "Main" / f"{image_set}.txt", ann_dir)
     else:
         paths = sorted(ann_dir.glob("*.xml"))
     skipped: Counter = Counter()
@@ -39,11 +38,17 @@ def voc_to_records(root: Path, out_dir: Path, *, difficult: str = "keep",
     return records, +skipped  # unary + drops zero counts
 
 
-def _read_image_set(path: Path) -> list[str]:
+def _read_image_set(path: Path, ann_dir: Path) -> list[Path]:
+    """The annotation files of the ids an image set lists, one a line."""
     if not path.is_file():
         raise UserError(f"{path}: no such file (the image set lists one image id a line)")
-    return [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    paths = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            paths.append(ann_dir / f"{line.split()[0]}.xml")
+            if not paths[-1].is_file():
+                raise UserError(f"{path}:{lineno}: no annotation {paths[-1]}")
+    return paths
 
 
 def _convert(path: Path, images_dir: Path, out_dir: Path, difficult: str,
