@@ -352,11 +352,14 @@ def lvis_broken(root, what):
     inst = json.loads(path.read_text())
     if what == "unknown_neg_category":
         inst["images"][1]["neg_category_ids"] = [99]
-    else:
+    elif what == "unknown_category_id":
         inst["annotations"][0]["category_id"] = 42
+    else:
+        inst["annotations"][1]["bbox"] = [1, 2, 3]
     path.write_text(json.dumps(inst))
     where = {"unknown_neg_category": f"{path}: image id 2: neg_category_ids",
-             "unknown_category_id": f"{path}: annotation 0"}[what]
+             "unknown_category_id": f"{path}: annotation 0",
+             "short_bbox": f"{path}: annotation 1 (id 31) has bbox [1, 2, 3]"}[what]
     return ["lvis", "--instances", str(path), "--images", str(root)], where
 
 
@@ -374,6 +377,7 @@ BROKEN = {
     "odvg_label_without_map": (odvg_broken, "label_without_map"),
     "lvis_unknown_neg_category": (lvis_broken, "unknown_neg_category"),
     "lvis_unknown_category_id": (lvis_broken, "unknown_category_id"),
+    "lvis_short_bbox": (lvis_broken, "short_bbox"),
 }
 
 

@@ -38,6 +38,8 @@ def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_obj
         if len(objects) > max_objects:
             skipped["images_over_max_objects"] += 1
             continue
+        if "file_name" not in img:
+            raise UserError(f"{source}: image id {img['id']} has no 'file_name'")
         rel = os.path.relpath(images_dir / img["file_name"], out_dir)
         records.append(Record(rel, int(img["width"]), int(img["height"]), tuple(objects),
                               out_dir, {"image_id": img["id"]}))
@@ -62,6 +64,11 @@ def index_instances(instances: dict, source: str) -> tuple[dict[int, str], dict[
     image_ids = {img["id"] for img in instances["images"]}
     by_image = defaultdict(list)
     for i, ann in enumerate(instances["annotations"]):
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in box)):
+            raise UserError(f"{source}: annotation {i} (id {ann.get('id')}) has bbox {box!r}; "
+                            "expected [x, y, width, height]")
         if ann["category_id"] not in names:
             raise UserError(f"{source}: annotation {i} (id {ann.get('id')}) has category_id "
                             f"{ann['category_id']}, which no category has")

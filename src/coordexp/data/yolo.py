@@ -64,8 +64,12 @@ def read_label_file(path: Path, names: list[str], w: int, h: int) -> tuple[DetOb
     if not path.is_file():
         raise UserError(f"{path}: missing label file (an image without objects has an empty "
                         "one)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     objects = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             objects.append(_parse_line(line.split(), names, w, h, f"{path}:{lineno}"))
     return tuple(objects)
