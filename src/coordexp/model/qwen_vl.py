@@ -65,9 +65,10 @@ def resolve_model_dir(path: str | Path) -> Path:
                         "or point HF_HOME at the cache that holds it") from None
 
 
-def load_vlm(model_dir: str | Path, dtype=None):
+def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None = None):
     """(model, processor, family) from a saved HF directory or a cached hub id; fails clearly
-    if it is incomplete."""
+    if it is incomplete. `attn_implementation`: "sdpa", "flash_attention_2" or "eager" (None:
+    the HF default)."""
     model_dir = resolve_model_dir(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
@@ -76,7 +77,8 @@ def load_vlm(model_dir: str | Path, dtype=None):
     image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
     processor = build_processor(family, tokenizer, image_processor)
     try:
-        model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+        model = T.AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:  # truncated / missing safetensors
         raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
     return model, processor, family
