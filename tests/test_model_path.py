@@ -31,14 +31,16 @@ def run_python(code, hf_home):
 
 def test_a_cached_hub_id_loads_from_its_snapshot(tmp_path, tiny_dir):
     snapshot = fake_cache(tmp_path / "hf", "someorg/tiny-vl", tiny_dir / "qwen3_vl")
-    code = ("from coordexp.model.qwen_vl import load_vlm, resolve_model_dir\n"
+    code = ("from coordexp.detector import model_dir\n"
+            "from coordexp.model.qwen_vl import load_vlm, resolve_model_dir\n"
             "print(resolve_model_dir('someorg/tiny-vl'))\n"
+            "print(model_dir('someorg/tiny-vl'))\n"
             "model, processor, family = load_vlm('someorg/tiny-vl')\n"
             "print(family, len(processor.tokenizer))")
     done = run_python(code, tmp_path / "hf")
     assert done.returncode == 0, done.stderr
-    path, loaded = done.stdout.strip().splitlines()[-2:]
-    assert path == str(snapshot.resolve())
+    path, for_infer, loaded = done.stdout.strip().splitlines()[-3:]
+    assert path == for_infer == str(snapshot.resolve())
     assert loaded.startswith("qwen3_vl ")
 
 
