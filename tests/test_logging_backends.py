@@ -4,6 +4,7 @@ logging.jsonl, plus the run's config and metadata; the key is a strict list."""
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,16 @@ def wandb_records(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> tuple[dict[int, dict], dict]:
-    """History rows by step (our keys only) and the run's config."""
+    """History rows by step (our keys only) and the run's config, once the run file holds its
+    exit record (the writer may still be flushing right after finish() on a loaded machine)."""
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    for _ in range(120):
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     history, config = {}, {}
-    for rec in wandb_records(path):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             row = {_key(i): json.loads(i.value_json) for i in rec.history.item}
