@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from coordexp.data.synthetic import SynthSpec, synthesize
+    from coordexp.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     spec = SynthSpec(image_size=args.image_size, min_objects=args.min_objects,
                      max_objects=args.max_objects, shapes=tuple(args.shapes.split(",")),
                      colours=tuple(args.colours.split(",")), crowded_share=args.crowded_share)
@@ -154,9 +156,9 @@ def _cmd_coco(args: argparse.Namespace) -> int:
 
     from coordexp.data.coco import coco_to_records, load_json
     from coordexp.data.records import write_records
+    from coordexp.files import check_output_file
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_file(args.out, "--out")
     records, skipped = coco_to_records(load_json(args.instances), Path(args.images), out.parent,
                                        max_objects=args.max_objects, keep_crowd=args.keep_crowd,
                                        source=args.instances)
@@ -167,9 +169,11 @@ def _cmd_coco(args: argparse.Namespace) -> int:
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import build_processor, save_vlm
     from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
+    check_output_dir(args.out, "--out")
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinySpec(family=args.family), seed=args.seed)
     save_vlm(model, build_processor(args.family, tok), args.out)
@@ -179,9 +183,11 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import load_vlm, save_vlm
     from coordexp.model.tokenizer import add_coord_tokens, resize_for_tokenizer
 
+    check_output_dir(args.dst, "--dst")
     model, processor, family = load_vlm(args.src)
     before = len(processor.tokenizer)
     add_coord_tokens(processor.tokenizer)

@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from coordexp.data.records import DetObject, Record
+from coordexp.data.records import MAX_SIDE, DetObject, Record
 from coordexp.errors import UserError
+from coordexp.files import parse_json, read_text
 
 
-def load_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (truncated?): {e.msg} at line {e.lineno} "
-                        f"column {e.colno}") from None
+def load_json(path: str | Path) -> object:
+    return parse_json(read_text(path), f"{path} (truncated?)")
 
 
-def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_objects: int = 60,
+def coco_to_records(instances: object, images_dir: Path, out_dir: Path, *, max_objects: int = 60,
                     keep_crowd: bool = False,
                     source: str = "instances") -> tuple[list[Record], Counter]:
-    """Convert a COCO instances dict; returns records and counts of what was skipped and why."""
+    """Convert a COCO instances dict; returns records and counts of what was skipped and why.
+
+    Malformed entries and duplicate ids are errors naming the entry; annotations of unknown
+    images, crowd and degenerate boxes, and images over max_objects are skipped and counted.
+    """
+    if not isinstance(instances, dict):
+        raise UserError(f"{source}: a COCO instances file must be a JSON object")
     for key in ("images", "annotations", "categories"):
-        if key not in instances:
-            raise UserError(f"{source}: missing top-level key '{key}'")
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    by_image = defaultdict(list)
-    for ann in instances["annotations"]:
-        by_image[ann["image_id"]].append(ann)
-    skipped: Counter = Counter()
+        if not isinstance(instances.get(key), list):
+            raise UserError(f"{source}: top-level key '{key}' must be a list"
+                            if key in instances else f"{source}: missing top-level key '{key}'")
+    names = _categories(instances["categories"], source)
+    images = _images(instances["images"], source)
+    by_image, skipped = _annotations_by_image(instances["annotations"], names, images, source)
     records = []
-    for img in instances["images"]:
-        w, h = int(img["width"]), int(img["height"])
+    for img in images.values():
+        w, h = img["width"], img["height"]
         objects = []
         for ann in by_image[img["id"]]:
             if ann.get("iscrowd", 0) and not keep_crowd:
@@ -49,10 +47,100 @@ def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_obj
             objects.append(DetObject(names[ann["category_id"]], box))
         if len(objects) > max_objects:
             skipped["images_over_max_objects"] += 1
+            skipped["annotations_in_images_over_max_objects"] += len(objects)
             continue
         rel = os.path.relpath(images_dir / img["file_name"], out_dir)
         records.append(Record(rel, w, h, tuple(objects), out_dir, {"image_id": img["id"]}))
     return records, skipped
+
+
+def _field(entry: dict, key: str, ok, what: str, where: str):
+    if key not in entry:
+        raise UserError(f"{where}: missing '{key}'")
+    value = entry[key]
+    if not ok(value):
+        text = repr(value)
+        raise UserError(f"{where}: '{key}' must be {what}, got "
+                        f"{text if len(text) <= 40 else text[:37] + '...'}")
+    return value
+
+
+def _is_id(v: object) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(v))
+
+
+def _is_side(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE
+
+
+def _is_name(v: object) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and not any(c in v for c in "\n\r\t")
+
+
+def _is_bbox(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 4 and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and abs(x) <= MAX_SIDE
+        for x in v)  # NaN and infinity fail the comparison
+
+
+def _unique(entry: dict, where: str, seen: dict, kind: str):
+    key = _field(entry, "id", _is_id, "an integer or string", where)
+    if key in seen:
+        raise UserError(f"{where}: duplicate {kind} id {key!r} (also {seen[key]})")
+    seen[key] = where
+    return key
+
+
+def _categories(categories: list, source: str) -> dict:
+    names, seen = {}, {}
+    for i, cat in enumerate(categories):
+        where = f"{source}: categories[{i}]"
+        if not isinstance(cat, dict):
+            raise UserError(f"{where}: must be an object")
+        key = _unique(cat, where, seen, "category")
+        names[key] = _field(cat, "name", _is_name, "a non-empty one-line string", where)
+    return names
+
+
+def _images(images: list, source: str) -> dict:
+    out, seen = {}, {}
+    for i, img in enumerate(images):
+        where = f"{source}: images[{i}]"
+        if not isinstance(img, dict):
+            raise UserError(f"{where}: must be an object")
+        key = _unique(img, where, seen, "image")
+        _field(img, "file_name", lambda v: isinstance(v, str) and v.strip() and "\0" not in v,
+               "a non-empty path", where)
+        for side in ("width", "height"):
+            _field(img, side, _is_side, f"an integer in [1, {MAX_SIDE}]", where)
+        out[key] = img
+    return out
+
+
+def _annotations_by_image(annotations: list, names: dict, images: dict,
+                          source: str) -> tuple[dict, Counter]:
+    by_image, skipped, seen = defaultdict(list), Counter(), {}
+    for i, ann in enumerate(annotations):
+        where = f"{source}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise UserError(f"{where}: must be an object")
+        if "id" in ann:
+            _unique(ann, where, seen, "annotation")
+        image_id = _field(ann, "image_id", _is_id, "an integer or string", where)
+        category = _field(ann, "category_id", _is_id, "an integer or string", where)
+        if category not in names:
+            raise UserError(f"{where}: category_id {category!r} is not in 'categories'")
+        if "bbox" not in ann:
+            raise UserError(f"{where}: missing 'bbox' (segmentation-only annotations are not "
+                            "supported)")
+        _field(ann, "bbox", _is_bbox, "4 finite numbers [x, y, width, height]", where)
+        if "iscrowd" in ann:
+            _field(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", where)
+        if image_id not in images:
+            skipped["annotations_of_unknown_images"] += 1
+            continue
+        by_image[image_id].append(ann)
+    return by_image, skipped
 
 
 def _clip_xywh(bbox: list[float], w: int, h: int) -> tuple[float, ...] | None:
