@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import transformers as T
+from safetensors import SafetensorError
 
 from coordexp.errors import UserError
 
@@ -59,8 +60,9 @@ def load_vlm(model_dir: str | Path, dtype=None):
     processor = build_processor(family, tokenizer, image_processor)
     try:
         model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
-    except (OSError, ValueError) as e:  # truncated / missing safetensors
-        raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # truncated / missing safetensors
+        raise UserError(f"{model_dir}: cannot load model weights "
+                        f"({' '.join(str(e).split())[:200]})") from None
     return model, processor, family
 
 
