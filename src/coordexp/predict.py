@@ -12,6 +12,7 @@ from coordexp.data.records import Record, read_records
 from coordexp.errors import UserError
 from coordexp.eval.predictions import Prediction, from_parse
 from coordexp.eval.scores import box_scores
+from coordexp.files import check_output_file, write_text_atomic
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import ParseResult, parse_coordjson_tokens
 from coordexp.rollout import Rollout, generate_rollouts
@@ -48,19 +49,15 @@ def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | 
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size} and "
                         f"{max_new_tokens}")
+    out = check_output_file(out_path, "--out")  # before the rollouts, not after them
     records = read_records(data_path)
     model, processor, _ = load_vlm(model_dir)
     cfg = Config(data=DataConfig(field_order=field_order),
                  rollout=RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
                                        constrained=constrained))
     preds = predict_records(model, processor, records, cfg)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for pred in preds:
-            f.write(json.dumps(pred.to_line(), ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps(p.to_line(), ensure_ascii=False) + "\n"
+                                   for p in preds))
     print(summary_line(preds, out))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from coordexp.eval.predictions import (
     read_prediction,
     read_prediction_lines,
 )
+from coordexp.files import check_output_dir, write_text_atomic
 from coordexp.matching import MatchConfig
 
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
@@ -184,18 +186,18 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
                  **opts) -> int:
     """`coordexp eval`: write metrics.json, counters.json, per_class.json/.csv and
     per_image.json to out_dir and print a compact table."""
+    out = check_output_dir(out_dir, "--out")
     gt = read_records(gt_path, check_images=False)
     lines = read_prediction_lines(pred_path)
     ev = _evaluate_lines(gt, lines, EvalOptions.of(**opts), str(pred_path))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name, value in (("metrics", ev.metrics), ("counters", ev.counters),
                         ("per_class", ev.per_class), ("per_image", ev.per_image)):
-        (out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    with (out / "per_class.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["category", "gt_objects", "pred_objects", "AP", "AP50", "AP75"])
-        writer.writeheader()
-        writer.writerows(ev.per_class)
+        write_text_atomic(out / f"{name}.json", json.dumps(value, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, ["category", "gt_objects", "pred_objects", "AP", "AP50", "AP75"])
+    writer.writeheader()
+    writer.writerows(ev.per_class)
+    write_text_atomic(out / "per_class.csv", table.getvalue())
     print(format_table(ev))
     print(f"wrote {out}/metrics.json, counters.json, per_class.json/.csv, per_image.json")
     return 0

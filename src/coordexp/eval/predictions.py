@@ -11,7 +11,6 @@ Lines are untrusted input: every problem is a UserError naming the file and line
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from coordexp.codec import CoordCodec
 from coordexp.data.records import Record
 from coordexp.errors import UserError
 from coordexp.eval.scores import box_scores
+from coordexp.files import read_json_lines
 from coordexp.parsing import REASONS, ParseResult, parse_coordjson, parse_coordjson_tokens
 
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
@@ -76,20 +76,7 @@ def from_parse(gt: Record, result: ParseResult, scores: list[float],
 # -- reading pred JSONL lines ---------------------------------------------------------------
 def read_prediction_lines(path: str | Path) -> list[tuple[object, str]]:
     """Decoded JSON lines with their "file:line"; blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                                ) from None
-    return lines
+    return list(read_json_lines(path))
 
 
 def align_lines(gt_records: list[Record], lines: list[tuple[object, str]],
