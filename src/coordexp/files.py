@@ -67,6 +67,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text to a temporary file beside path, flush it to disk, then rename it into place:
     a kill at any moment leaves either the old file or the new one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         f.write(text)
@@ -76,29 +77,29 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
-    """An output file path that can be written: not a directory, its folder made if absent."""
+    """An output file path that can be written (not a directory, in a writable folder or one
+    that can be made); nothing is created yet."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory; give a file path")
-    make_dir(path.parent, flag)
+    _check_creatable(path.parent, flag)
     return path
 
 
 def check_output_dir(path: str | Path, flag: str) -> Path:
-    """An output folder, made if absent; an existing file there is an error."""
+    """An output folder that exists or can be made, and is writable; nothing is created yet."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a directory")
-    make_dir(path, flag)
+    _check_creatable(path, flag)
     return path
 
 
-def make_dir(path: Path, flag: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"{flag} {path}: a parent of this path is a file") from None
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: the folder is not writable")
+def _check_creatable(folder: Path, flag: str) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {existing} is not writable")

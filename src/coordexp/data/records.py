@@ -63,8 +63,8 @@ def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Reco
         raise UserError(f"{where}: 'images' must be a list with exactly one path")
     for key, v in (("width", w), ("height", h)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE:
-            raise UserError(f"{where}: '{key}' must be an integer in [1, {MAX_SIDE}], got "
-                            f"{_short(v)}")
+            raise UserError(f"{where}: '{key}' must be a positive integer (at most "
+                            f"{MAX_SIDE}), got {_short(v)}")
     if not isinstance(obj["objects"], list):
         raise UserError(f"{where}: 'objects' must be a list")
     objects = tuple(_parse_object(o, f"{where}: object {i}", w, h, codec)

@@ -190,6 +190,7 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
     gt = read_records(gt_path, check_images=False)
     lines = read_prediction_lines(pred_path)
     ev = _evaluate_lines(gt, lines, EvalOptions.of(**opts), str(pred_path))
+    out.mkdir(parents=True, exist_ok=True)
     for name, value in (("metrics", ev.metrics), ("counters", ev.counters),
                         ("per_class", ev.per_class), ("per_image", ev.per_image)):
         write_text_atomic(out / f"{name}.json", json.dumps(value, indent=2) + "\n")

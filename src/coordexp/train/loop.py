@@ -111,11 +111,11 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     run_dir = Path(t.output_dir) / t.run_name
     if main:
         check_output_dir(run_dir, "training.output_dir/run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir) if main else None  # held until this training ends
     if main and (run_dir / "logging.jsonl").exists() and not resume:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
                         "training.run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     train_records = read_records(cfg.data.train)
     if not train_records:
