@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="least IoU of a matched pair for precision/recall/F1 (default 0.3)")
     e.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="object field order, for predictions given as raw_text")
+    e.add_argument("--max-preds-per-image", type=_positive_int, default=1000,
+                   help="keep this many highest-scoring objects per image; the rest are "
+                        "dropped and counted (pred_over_cap_dropped)")
     e.set_defaults(run=_cmd_eval)
     return p
 
@@ -229,7 +232,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = {"semantic": {"auto": None, "on": True, "off": False}[args.semantic],
             "constant_score": args.constant_score, "iou_gate": args.iou_gate,
-            "field_order": args.field_order}
+            "field_order": args.field_order,
+            "max_preds_per_image": args.max_preds_per_image}
     if args.semantic_threshold is not None:
         opts["semantic_threshold"] = args.semantic_threshold
     return eval_command(args.gt, args.pred, args.out, **opts)

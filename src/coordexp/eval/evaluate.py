@@ -28,6 +28,7 @@ from coordexp.eval.predictions import (
     PARSE_COUNTERS,
     Prediction,
     align_lines,
+    cap_predictions,
     read_prediction,
     read_prediction_lines,
 )
@@ -39,6 +40,7 @@ METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
                "fp_total", "fn_total", "gating_rejections", "matched_iou_mean", "f1@0.5",
                "f1@0.75")
 _MATCH_KEYS = {f.name for f in dataclasses.fields(MatchConfig)}
+MAX_PREDS_PER_IMAGE = 1000  # COCO AP reads at most 100 per image; F1 past this means little
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class EvalOptions:
     constant_score: float | None = None  # give every box this score (AP then follows order)
     desc_weight: float = 0.0  # fuse desc-token probability into scores parsed from raw_text
     field_order: str = "desc_first"
+    max_preds_per_image: int = MAX_PREDS_PER_IMAGE  # more are dropped (lowest scores) and counted
 
     @classmethod
     def of(cls, **opts) -> EvalOptions:
@@ -65,6 +68,7 @@ class Evaluation:
     per_class: list[dict]
     per_image: list[dict]
     matches: list[ImageMatch]  # per GT record: its predictions' indices against its objects'
+    predictions: list[Prediction | None]  # what was evaluated (after max_preds_per_image)
 
 
 def evaluate_records(gt_records: list[Record], pred_records: list[dict], **opts) -> dict:
@@ -93,6 +97,7 @@ def _evaluate_lines(gt_records: list[Record], lines: list[tuple[object, str]],
 def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None],
                          opts: EvalOptions) -> Evaluation:
     """Evaluate predictions aligned with the GT records (None: no prediction for it)."""
+    preds, overflow = cap_predictions(preds, opts.max_preds_per_image)
     categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
     if semantic and not semantic_available():
@@ -112,7 +117,8 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(preds, pred_dets, mapper, categories)
-    return Evaluation(metrics, counters, per_class, per_image, matches)
+    counters["pred_over_cap_dropped"] = overflow
+    return Evaluation(metrics, counters, per_class, per_image, matches, preds)
 
 
 def _gt_detections(r: Record, mapper: DescMapper) -> Detections:
@@ -222,7 +228,8 @@ def format_table(ev: Evaluation) -> str:
         f" (ambiguous {c['parse_dropped_ambiguous']})",
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
-        f"  images_without_pred_record {c['images_without_pred_record']}",
+        f"  images_without_pred_record {c['images_without_pred_record']}"
+        f"  pred_over_cap_dropped {c['pred_over_cap_dropped']}",
     ])
 
 
