@@ -5,6 +5,7 @@ existed before the command byte for byte as it was.
 
 Most cases fail before any model work; the few under `MODEL_CASES` build a tiny model first."""
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,18 @@ def with_obj(**kw) -> dict:
 
 def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
+
+
+def torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def make_world(w: Path) -> None:
@@ -137,10 +150,20 @@ def record_cases() -> dict[str, Case]:
                        + b"\n" + line(GOOD_B).encode())
             cases[f"{target}-{bad}"] = Case(argv, f"{name}:2", ((name, content),))
         cases[f"{target}-missing_file"] = Case(argv, f"{name}: no such file", ((name, None),))
-    for target in ("train", "infer"):  # these read the images
+    for target in ("train", "train_val", "infer"):  # these read the images
         name, argv = RECORD_TARGETS[target]
-        cases[f"{target}-image_not_found"] = Case(
-            argv, f"{name}:2: image file", ((name, line(GOOD) + line(GOOD | {"images": ["c.png"]})),))
+        for bad, path in (("image_not_found", "c.png"), ("image_is_a_directory", ".")):
+            cases[f"{target}-{bad}"] = Case(
+                argv, f"{name}:2: image file",
+                ((name, line(GOOD) + line(GOOD | {"images": [path]})),))
+    for target in ("train", "infer"):  # damaged image files (val shares train's images)
+        name, argv = RECORD_TARGETS[target]
+        cases[f"{target}-unreadable_image"] = Case(
+            argv, f"{name}:1: cannot read image", (("a.png", b"\x89PNG\r\n\x1a\n garbage"),))
+        cases[f"{target}-not_an_image"] = Case(argv, f"{name}:1: cannot read image",
+                                               (("a.png", "plain text\n"),))
+        cases[f"{target}-image_size_differs"] = Case(argv, f"{name}:2: image {{w}}/b.png is 16x8",
+                                                     (("b.png", png_bytes(16, 8)),))
     cases["train-empty_val"] = Case(RECORD_TARGETS["train_val"][1], "val.jsonl: no records",
                                     (("val.jsonl", ""),))
     cases["train-empty_train"] = Case(RECORD_TARGETS["train"][1], "train.jsonl: no records",
@@ -197,7 +220,8 @@ def pred_cases() -> dict[str, Case]:
     for bad, text in BAD_PREDS.items():
         content = first.encode() + (text if isinstance(text, bytes) else text.encode()) + b"\n"
         cases[f"eval_pred-{bad}"] = Case(EVAL, "pred.jsonl:2", (("pred.jsonl", content),))
-    cases["eval_pred-missing_file"] = Case(EVAL, "pred.jsonl: no such file", (("pred.jsonl", None),))
+    cases["eval_pred-missing_file"] = Case(EVAL, "pred.jsonl: no such file",
+                                           (("pred.jsonl", None),))
     cases["eval_pred-a_directory"] = Case(
         ("eval", "--gt", "{w}/gt.jsonl", "--pred", "{w}/run", "--out", "{w}/out"),
         "run: is a directory")
@@ -232,7 +256,7 @@ def cfg_text(w_extra: str) -> str:
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdef", "bcdefg"))
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdef", "bcdefg", strict=True))
 BAD_CONFIGS = {  # config file text -> culprit
     "not_utf8": (b"training:\n  run_name: \xff\n", "cfg.yaml:2: not UTF-8"),
     "invalid_yaml": ("training: [\n", "cfg.yaml: not valid YAML"),
@@ -429,7 +453,8 @@ def report_cases() -> dict[str, Case]:
         "report-missing_run": Case(("report", "{w}/nothere"), "nothere: no such run directory"),
         "report-not_a_run": Case(("report", "{w}"), "not a run directory"),
         "report-log_not_utf8": Case(REPORT, "logging.jsonl:2: not UTF-8", (
-            ("run/logging.jsonl", row.encode() + b'{"step": 2, "kind": "\xff"}\n' + row.encode()),)),
+            ("run/logging.jsonl", row.encode() + b'{"step": 2, "kind": "\xff"}\n'
+             + row.encode()),)),
         "report-log_corrupt_row": Case(REPORT, "logging.jsonl:2", (
             ("run/logging.jsonl", row + '{"step": 2, "ki\n' + row),)),
         "report-log_row_without_step": Case(REPORT, "logging.jsonl:1", (
@@ -530,6 +555,79 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit(name, tmp_path, caps
 
 
 def test_the_corpus_is_large_and_covers_every_command():
-    assert len(CASES) >= 150
+    assert len(CASES) + len(MODEL_CASES) >= 150
     commands = {c.argv[0] if c.argv else "" for c in CASES.values()}
     assert {"data", "eval", "train", "infer", "report", "model"} <= commands
+
+
+# -- damaged checkpoints and model files, bad images: a tiny model is built first -------------
+CKPT = "runs/run/checkpoints/step_000001"
+RESUME = ("train", "{w}/cfg.yaml", "--resume", "latest")
+INFER = ("infer", "--model", "{w}/model", "--data", "{w}/data.jsonl", "--out", "{w}/p.jsonl")
+
+
+def half(path: Path) -> bytes:
+    return path.read_bytes()[: path.stat().st_size // 2]
+
+
+MODEL_CASES = {  # name -> (argv, culprit, damage(w) -> files to write)
+    "resume-truncated_safetensors": (RESUME, "step_000001: cannot read checkpoint", lambda w: (
+        (f"{CKPT}/model.safetensors", half(w / CKPT / "model.safetensors")),)),
+    "resume-truncated_training_state": (RESUME, "step_000001: cannot read checkpoint", lambda w: (
+        (f"{CKPT}/training_state.pt", half(w / CKPT / "training_state.pt")),)),
+    "resume-text_training_state": (RESUME, "step_000001: cannot read checkpoint", lambda w: (
+        (f"{CKPT}/training_state.pt", b"not a checkpoint"),)),
+    "resume-training_state_without_optimizer": (RESUME, "missing or mistyped state", lambda w: (
+        (f"{CKPT}/training_state.pt", torch_bytes({"scheduler": {}, "rng": {}})),)),
+    "resume-trainer_state_without_step": (RESUME, "trainer_state.json: missing or mistyped key(s) "
+                                          "step", lambda w: (
+        (f"{CKPT}/trainer_state.json", json.dumps({"data_order": {"epoch": 0, "pos": 0}})),)),
+    "resume-trainer_state_mistyped": (RESUME, "trainer_state.json: missing or mistyped", lambda w: (
+        (f"{CKPT}/trainer_state.json", json.dumps(STATE | {"step": "one"})),)),
+    "resume-trainer_state_data_order_mistyped": (RESUME, "data_order", lambda w: (
+        (f"{CKPT}/trainer_state.json", json.dumps(STATE | {"data_order": {"pos": "x"}})),)),
+    "resume-trainer_state_not_utf8": (RESUME, "trainer_state.json:1: not UTF-8", lambda w: (
+        (f"{CKPT}/trainer_state.json", b'{"step": "\xff"}'),)),
+    "resume-missing_weights": (RESUME, "incomplete checkpoint (missing model.safetensors)",
+                               lambda w: ((f"{CKPT}/model.safetensors", None),)),
+    "infer-truncated_safetensors": (INFER, "model: cannot load model weights", lambda w: (
+        ("model/model.safetensors", half(w / "model" / "model.safetensors")),)),
+    "train-special_token_desc": (("train", "{w}/cfg.yaml"), "'<|coord_5|>'", lambda w: (
+        ("train.jsonl", line(GOOD) + line(with_obj(desc="cat <|coord_5|>"))),)),
+    "train-end_of_turn_in_desc": (("train", "{w}/cfg.yaml"), "train.jsonl:1: object 0", lambda w: (
+        ("train.jsonl", line(with_obj(desc="cat<|im_end|>dog"))),)),
+}
+STATE = {"step": 1, "best_metric": None, "best_step": None, "train_seconds": 1.0,
+         "data_order": {"epoch": 0, "pos": 2}}
+
+
+def add_checkpoint(w: Path, model_dir: Path) -> None:
+    """A complete-looking checkpoint (the tiny model's files and valid trainer state) in
+    w/runs/run, and the model directory itself at w/model."""
+    import shutil
+
+    shutil.copytree(model_dir, w / "model")
+    shutil.copytree(model_dir, w / CKPT)
+    (w / CKPT / "training_state.pt").write_bytes(torch_bytes({"optimizer": {}, "scheduler": {},
+                                                              "rng": {}}))
+    (w / CKPT / "trainer_state.json").write_text(json.dumps(STATE))
+
+
+@pytest.fixture()
+def quiet_progress():
+    """transformers' own progress bars (saving the initial model, loading weights) are not
+    errors; off here, so stderr holds exactly what coordexp says."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    yield
+    logging.enable_progress_bar()
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CASES))
+def test_damaged_model_files_exit_2_with_one_line(name, tmp_path, tiny_dir, capsys,
+                                                  quiet_progress):
+    make_world(tmp_path)
+    add_checkpoint(tmp_path, tiny_dir / "qwen2_5_vl")
+    argv, culprit, damage = MODEL_CASES[name]
+    run_case(tmp_path, Case(argv, culprit, damage(tmp_path)), capsys)

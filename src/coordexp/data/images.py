@@ -25,6 +25,21 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_image(path: Path, width: int, height: int, where: str) -> None:
+    """The image file exists, its header reads, and its size is width x height (only the
+    header is read: cheap enough to check every record before training starts)."""
+    if not path.is_file():
+        raise UserError(f"{where}: image file {path} not found")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{where}: cannot read image {path} ({e})") from None
+    if size != (width, height):
+        raise UserError(f"{where}: image {path} is {size[0]}x{size[1]} but the record says "
+                        f"{width}x{height}")
+
+
 def open_rgb8(path: str | Path) -> Image.Image:
     """The image at path as 8-bit RGB; an unreadable file is a UserError naming it."""
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordexp.codec import CoordCodec
+from coordexp.data.images import check_image
 from coordexp.errors import UserError
 from coordexp.files import read_json_lines, write_text_atomic
 
@@ -111,14 +112,15 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
 
 def read_records(path: str | Path, *, check_images: bool = True,
                  codec: CoordCodec | None = None) -> list[Record]:
-    """Read and validate a JSONL file; any problem raises UserError naming file and line."""
+    """Read and validate a JSONL file; any problem raises UserError naming file and line.
+    check_images: every image exists, its header reads and its size is the record's."""
     path = Path(path)
     codec = codec or CoordCodec()
     records = []
     for obj, where in read_json_lines(path):
         rec = parse_record(obj, where, path.parent, codec)
-        if check_images and not rec.image_path.is_file():
-            raise UserError(f"{where}: image file {rec.image_path} not found")
+        if check_images:
+            check_image(rec.image_path, rec.width, rec.height, where)
         records.append(rec)
     return records
 
