@@ -507,6 +507,10 @@ def model_flag_cases() -> dict[str, Case]:
                                                 "--dst", "{w}/a_file"), "--dst {w}/a_file"),
         "model-add_tokens_src_not_a_model": Case(("model", "add-coord-tokens", "--src", "{w}/run",
                                                   "--dst", "{w}/m"), "run: not a model"),
+        "demo-out_is_a_file": Case(("demo", "--out", "{w}/a_file"), "--out {w}/a_file"),
+        "demo-minutes_nan": Case(("demo", "--out", "{w}/d", "--minutes", "nan"), "--minutes"),
+        "demo-minutes_zero": Case(("demo", "--out", "{w}/d", "--minutes", "0"), "--minutes"),
+        "eval-constant_score_nan": Case((*EVAL, "--constant-score", "nan"), "--constant-score"),
         "cli-unknown_command": Case(("fly",), "fly"),
         "cli-unknown_flag": Case((*EVAL, "--fast"), "--fast"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from coordexp.data.render import FIELD_ORDERS
@@ -28,6 +29,16 @@ def _unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
 
 
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
     dm.add_argument("--out", default="demo_run", help="output folder")
-    dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    dm.add_argument("--minutes", type=_finite_float, default=10.0, help="training time budget")
     dm.set_defaults(run=_cmd_demo)
 
     rp = sub.add_parser("report", help="turn a run directory into report.md / report.html")
@@ -128,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentence encoder (auto: when it is installed)")
     e.add_argument("--semantic-threshold", type=_unit_interval, default=None,
                    help="lowest cosine similarity that maps a desc (default 0.6)")
-    e.add_argument("--constant-score", type=float, default=None,
+    e.add_argument("--constant-score", type=_finite_float, default=None,
                    help="give every box this score (AP then follows emission order)")
     e.add_argument("--iou-gate", type=_unit_interval, default=0.3,
                    help="least IoU of a matched pair for precision/recall/F1 (default 0.3)")
@@ -216,7 +227,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from coordexp.demo import run_demo
+    from coordexp.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     return run_demo(args.out, minutes=args.minutes)
 
 
