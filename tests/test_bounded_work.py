@@ -33,12 +33,15 @@ def grid_scene(n_pred: int, seed: int = 0) -> tuple[dict, dict]:
             head | {"objects": objs})
 
 
+# VmHWM: this process's own peak resident memory (getrusage's ru_maxrss would also count the
+# pytest process it was forked from)
 PROBE = """
-import resource, sys
+import sys
+from pathlib import Path
 from coordexp.cli import main
-from coordexp.eval.predictions import Prediction, cap_predictions
 code = main(sys.argv[1:])
-print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "code", code)
+status = Path("/proc/self/status").read_text().splitlines()
+print("peak_kb", next(x for x in status if x.startswith("VmHWM")).split()[1], "code", code)
 """
 
 

@@ -13,7 +13,7 @@ from coordexp.codec import CoordCodec
 from coordexp.config import Config, EvalConfig, RolloutConfig
 from coordexp.data.records import Record, read_records
 from coordexp.data.render import render_record
-from coordexp.eval.scores import box_scores
+from coordexp.eval.predictions import box_scores
 from coordexp.grammar import coordjson_grammar, decode_pieces, token_table
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import parse_coordjson, parse_coordjson_tokens

@@ -17,7 +17,7 @@ from coordexp.train.loop import (
     run_micro_steps,
     train,
 )
-from coordexp.train.step import StepOutput
+from coordexp.train.terms import StepOutput
 
 BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
         "training.effective_batch_size=4", "training.per_device_batch_size=2",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from coordexp.errors import UserError
@@ -53,14 +52,6 @@ def parse_json(text: str, where: str) -> object:
 
 def load_json(path: str | Path) -> object:
     return parse_json(read_text(path), str(path))
-
-
-def read_json_lines(path: str | Path) -> Iterator[tuple[object, str]]:
-    """(value, "file:line") for every non-blank line of a JSONL file."""
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if line.strip():
-            where = f"{path}:{lineno}"
-            yield parse_json(line, where), where
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -82,7 +82,6 @@ class ParseResult:
     prefix_end: int | None = None
     spans: list[ObjectSpans] = field(default_factory=list)
     tokens: list[ObjectTokens] | None = None
-    prefix_tokens: int | None = None
 
     def drop(self, reason: str) -> None:
         self.dropped_invalid += 1
@@ -331,7 +330,6 @@ def parse_coordjson_tokens(pieces: list[str], *, field_order: str = "desc_first"
 
     Adds per kept object the token indices of its desc and of its 4 coord values; an object
     whose coord literal is not exactly one token is dropped as ambiguous (reason wrong_arity).
-    prefix_tokens: how many tokens make the append-ready prefix, None if the cut splits a token.
     """
     result, array_open = _parse("".join(pieces), field_order)
     starts = _piece_starts(pieces)  # [T + 1] char offset where each token starts, then the end
@@ -348,9 +346,6 @@ def parse_coordjson_tokens(pieces: list[str], *, field_order: str = "desc_first"
         result.spans = [s for _, s, _ in kept]
         result.prefix_end = result.spans[-1].object[1] if kept else array_open
     result.tokens = [t for _, _, t in kept]
-    if result.prefix_end is not None:
-        i = bisect_left(starts, result.prefix_end)
-        result.prefix_tokens = i if starts[i] == result.prefix_end else None
     return result
 
 

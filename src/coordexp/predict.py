@@ -10,8 +10,7 @@ from pathlib import Path
 from coordexp.config import Config, DataConfig, RolloutConfig
 from coordexp.data.records import Record, read_records
 from coordexp.errors import UserError
-from coordexp.eval.predictions import Prediction, from_parse
-from coordexp.eval.scores import box_scores
+from coordexp.eval.predictions import Prediction, box_scores, from_parse
 from coordexp.files import check_output_file, write_text_atomic
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import ParseResult, parse_coordjson_tokens

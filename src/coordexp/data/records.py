@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordexp.codec import CoordCodec
 from coordexp.data.images import check_image
 from coordexp.errors import UserError
-from coordexp.files import read_json_lines, write_text_atomic
+from coordexp.files import parse_json, read_text, write_text_atomic
 
 REQUIRED_KEYS = ("images", "width", "height", "objects")
 MAX_SIDE = 1 << 24  # pixels; a larger width or height is a typo, not an image
@@ -110,15 +111,22 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
     return DetObject(desc, (x1, y1, x2, y2))
 
 
+def iter_jsonl(path: str | Path) -> Iterator[tuple[object, str]]:
+    """The decoded JSON value of every non-blank line, with its "file:line"; non-UTF-8 bytes,
+    malformed JSON, over-long integers and deep nesting are errors naming the line."""
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            where = f"{path}:{lineno}"
+            yield parse_json(line, where), where
+
+
 def read_records(path: str | Path, *, check_images: bool = True,
                  codec: CoordCodec | None = None) -> list[Record]:
     """Read and validate a JSONL file; any problem raises UserError naming file and line.
     check_images: every image exists, its header reads and its size is the record's."""
-    path = Path(path)
-    codec = codec or CoordCodec()
-    records = []
-    for obj, where in read_json_lines(path):
-        rec = parse_record(obj, where, path.parent, codec)
+    codec, records = codec or CoordCodec(), []
+    for obj, where in iter_jsonl(path):
+        rec = parse_record(obj, where, Path(path).parent, codec)
         if check_images:
             check_image(rec.image_path, rec.width, rec.height, where)
         records.append(rec)

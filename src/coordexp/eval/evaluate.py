@@ -23,7 +23,7 @@ from coordexp.eval.coco_map import (
     coco_box_ap,
     semantic_available,
 )
-from coordexp.eval.f1 import F1Counts, ImageMatch, f1_metrics, match_images
+from coordexp.eval.f1 import ImageMatch, f1_metrics, match_images
 from coordexp.eval.predictions import (
     PARSE_COUNTERS,
     Prediction,
@@ -107,13 +107,11 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
     gt_dets = [_gt_detections(r, mapper) for r in gt_records]
     pred_dets = _pred_detections(preds, mapper)
     matches = match_images([p.boxes for p in pred_dets], [g.boxes for g in gt_dets], opts.match)
-    counts, per_image = F1Counts(), []
-    for r, g, p, pi, m in zip(gt_records, gt_dets, pred_dets, preds, matches, strict=True):
-        counts.add(len(p.boxes), len(g.boxes), m)
-        per_image.append(_image_row(r, g, p, pi, m))
+    per_image = [_image_row(r, g, p, pi, m) for r, g, p, pi, m in
+                 zip(gt_records, gt_dets, pred_dets, preds, matches, strict=True)]
     stats, per_class = coco_box_ap(gt_dets, pred_dets, [(r.width, r.height) for r in gt_records],
                                    categories)
-    merged = stats | f1_metrics(counts)
+    merged = stats | f1_metrics(per_image)
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(preds, pred_dets, mapper, categories)
@@ -146,6 +144,7 @@ def _image_row(r: Record, g: Detections, p: Detections, pi: Prediction | None,
            "pred_objects": len(p.boxes), "matched": len(m.match.pairs),
            "fp": len(m.match.fp_indices), "fn": len(m.match.fn_indices),
            "gating_rejections": m.match.gating_rejections,
+           "matched_iou_sum": float(sum(m.match.matched_ious)),
            "unknown_desc": int((p.labels < 0).sum())}
     row |= {f"matched@{t}": n for t, n in m.matched_at.items()}
     return row | (pi.parse if pi is not None else {})

@@ -4,7 +4,7 @@ used in training, plus the same matching gated at fixed IoU 0.5 and 0.75 (`f1@0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,31 +32,6 @@ def match_images(preds_xyxy: list[np.ndarray], gts_xyxy: list[np.ndarray],
     return [ImageMatch(m, {t: at[t][i] for t in FIXED_THRESHOLDS}) for i, m in enumerate(gated)]
 
 
-@dataclass
-class F1Counts:
-    """Sums over images; ratios are formed only in f1_metrics, after all sums are in."""
-
-    pred_objects: int = 0
-    gt_objects_total: int = 0
-    matched: int = 0
-    fp_total: int = 0
-    fn_total: int = 0
-    gating_rejections: int = 0
-    matched_iou_sum: float = 0.0
-    matched_at: dict[float, int] = field(default_factory=lambda: dict.fromkeys(FIXED_THRESHOLDS, 0))
-
-    def add(self, num_pred: int, num_gt: int, m: ImageMatch) -> None:
-        self.pred_objects += num_pred
-        self.gt_objects_total += num_gt
-        self.matched += len(m.match.pairs)
-        self.fp_total += len(m.match.fp_indices)
-        self.fn_total += len(m.match.fn_indices)
-        self.gating_rejections += m.match.gating_rejections
-        self.matched_iou_sum += sum(m.match.matched_ious)
-        for t, n in m.matched_at.items():
-            self.matched_at[t] += n
-
-
 def precision_recall_f1(matched: int, num_pred: int, num_gt: int) -> tuple[float, float, float]:
     """P, R, F1 of matched / num_pred / num_gt (summed over images for micro values). Empty
     cases: with no predictions precision is 1 only if there is no GT either (nothing was
@@ -67,13 +42,16 @@ def precision_recall_f1(matched: int, num_pred: int, num_gt: int) -> tuple[float
     return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
-def f1_metrics(c: F1Counts) -> dict[str, float | int]:
-    """The matching part of metrics.json."""
-    p, r, f = precision_recall_f1(c.matched, c.pred_objects, c.gt_objects_total)
-    out = {"precision": p, "recall": r, "f1": f, "pred_objects": c.pred_objects,
-           "gt_objects_total": c.gt_objects_total, "matched": c.matched, "fp_total": c.fp_total,
-           "fn_total": c.fn_total, "gating_rejections": c.gating_rejections,
-           "matched_iou_mean": c.matched_iou_sum / c.matched if c.matched else 0.0}
-    for t, n in c.matched_at.items():
-        out[f"f1@{t}"] = precision_recall_f1(n, c.pred_objects, c.gt_objects_total)[2]
+def f1_metrics(per_image: list[dict]) -> dict[str, float | int]:
+    """The matching part of metrics.json from the per-image counts; ratios form after the sums."""
+    n = {k: sum(r[k] for r in per_image) for k in ("pred_objects", "gt_objects", "matched", "fp",
+                                                   "fn", "gating_rejections", "matched_iou_sum")}
+    p, r, f = precision_recall_f1(n["matched"], n["pred_objects"], n["gt_objects"])
+    out = {"precision": p, "recall": r, "f1": f, "pred_objects": n["pred_objects"],
+           "gt_objects_total": n["gt_objects"], "matched": n["matched"], "fp_total": n["fp"],
+           "fn_total": n["fn"], "gating_rejections": n["gating_rejections"],
+           "matched_iou_mean": n["matched_iou_sum"] / n["matched"] if n["matched"] else 0.0}
+    for t in FIXED_THRESHOLDS:
+        matched = sum(r[f"matched@{t}"] for r in per_image)
+        out[f"f1@{t}"] = precision_recall_f1(matched, n["pred_objects"], n["gt_objects"])[2]
     return out

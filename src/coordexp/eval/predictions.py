@@ -1,5 +1,6 @@
 """Predictions, typed: one `Prediction` per image is what rollouts produce, what evaluation,
-monitor dumps and the predictions file read, and what a pred JSONL line holds.
+monitor dumps and the predictions file read, and what a pred JSONL line holds. Box scores come
+from the token log-probabilities (AP ranks by them; constant scores only when asked for).
 
 Pred JSONL line: {"images": [path], "width": W, "height": H,
                   "objects": [{"desc": str, "score": float, "bbox_2d": [x1, y1, x2, y2] pixels}],
@@ -13,22 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from coordexp.codec import CoordCodec
-from coordexp.data.records import Record
+from coordexp.data.records import Record, iter_jsonl
 from coordexp.errors import UserError
-from coordexp.eval.scores import box_scores
-from coordexp.files import read_json_lines
-from coordexp.parsing import REASONS, ParseResult, parse_coordjson, parse_coordjson_tokens
+from coordexp.parsing import (
+    REASONS,
+    ObjectTokens,
+    ParseResult,
+    parse_coordjson,
+    parse_coordjson_tokens,
+)
 
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
                   "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
 _CODEC = CoordCodec()
-_JSON_NUMBER = (int, float)  # exact types, so a JSON true/false is not a number
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,31 @@ def cap_predictions(preds: list[Prediction | None],
     return out, dropped
 
 
+def box_scores(token_logprobs: Sequence[float] | np.ndarray, tokens: Sequence[ObjectTokens],
+               *, desc_weight: float = 0.0) -> list[float]:
+    """One score per object: the geometric mean of its 4 coord-token probabilities, fused as
+    (1 - desc_weight) * geom + desc_weight * mean(desc-token probabilities) when desc_weight > 0.
+
+    token_logprobs [T]: log-probability of each generated token (natural log);
+    tokens: from parse_coordjson_tokens (indices into token_logprobs).
+    """
+    if not 0.0 <= desc_weight <= 1.0:
+        raise ValueError(f"desc_weight must be in [0, 1], got {desc_weight}")
+    logp = np.asarray(token_logprobs, dtype=np.float64)  # [T]
+    scores = []
+    for t in tokens:
+        geom = float(np.exp(logp[t.coords].mean()))
+        if desc_weight > 0 and t.desc:
+            desc = float(np.exp(logp[t.desc]).mean())
+            geom = (1.0 - desc_weight) * geom + desc_weight * desc
+        scores.append(geom)
+    return scores
+
+
 # -- reading pred JSONL lines ---------------------------------------------------------------
 def read_prediction_lines(path: str | Path) -> list[tuple[object, str]]:
     """Decoded JSON lines with their "file:line"; blank lines skipped."""
-    return list(read_json_lines(path))
+    return list(iter_jsonl(path))
 
 
 def align_lines(gt_records: list[Record], lines: list[tuple[object, str]],
@@ -152,15 +178,12 @@ def _read_objects(obj: dict, where: str, gt: Record, constant_score: float | Non
         raise UserError(f"{where}: 'objects' must be a list")
     need_score = constant_score is None
     for i, o in enumerate(objects):
-        problem = None if _is_pred_object(o, need_score) else _object_problem(o, need_score)
+        problem = _object_problem(o, need_score)
         if problem is not None:
             raise UserError(f"{where}: object {i}: {problem}")
     boxes = _boxes([o["bbox_2d"] for o in objects])
     scores = np.asarray([o["score"] for o in objects] if need_score
                         else [constant_score] * len(objects), dtype=np.float64)
-    finite = np.isfinite(boxes).all(1) & np.isfinite(scores)  # [P]
-    if not finite.all():
-        raise UserError(f"{where}: object {int(np.argmin(finite))}: box and score must be finite")
     parse = {}
     for key in PARSE_COUNTERS:
         value = obj.get(key, 0)
@@ -171,23 +194,13 @@ def _read_objects(obj: dict, where: str, gt: Record, constant_score: float | Non
                       scores, parse)
 
 
-def _is_pred_object(o: object, need_score: bool) -> bool:
-    """A quick shape check of one predicted object (it runs for every box); what it does
-    not accept goes through _object_problem."""
-    if type(o) is not dict or type(o.get("desc")) is not str:
-        return False
-    box = o.get("bbox_2d")
-    return (type(box) is list and len(box) == 4 and all(type(v) in _JSON_NUMBER for v in box)
-            and (not need_score or type(o.get("score")) in _JSON_NUMBER))
-
-
 def _object_problem(o: object, need_score: bool) -> str | None:
     """What is wrong with one predicted object, None if nothing."""
     if not (isinstance(o, dict) and isinstance(o.get("desc"), str)):
         return "needs a string 'desc'"
     box = o.get("bbox_2d")
     if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
-        return "'bbox_2d' must be 4 pixel numbers [x1, y1, x2, y2]"
+        return "'bbox_2d' must be 4 finite pixel numbers [x1, y1, x2, y2]"
     if need_score and not _is_number(o.get("score")):
         return ("needs a finite number 'score' (AP ranks by it); to rank by emission order "
                 "instead, evaluate with constant_score=1.0")

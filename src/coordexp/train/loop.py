@@ -41,7 +41,7 @@ from coordexp.files import check_output_dir
 from coordexp.train.checkpoint import load_checkpoint, save_checkpoint
 from coordexp.train.data_order import DataOrder
 from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
-from coordexp.train.step import add_stats
+from coordexp.train.terms import add_stats
 
 
 class NonFiniteLoss(RuntimeError):
