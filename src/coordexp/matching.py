@@ -2,9 +2,10 @@
 
 Used identically by Channel B (which preds are supervised) and by evaluation (F1). A batch of
 images is matched in one vectorised pass over the candidate (pred, GT) pairs; only images where
-some box has several feasible partners go to the solver, a sparse assignment over the feasible
-pairs. Memory grows with the candidates kept (P x candidate_top_k), never with P x G: pairs are
-scored PAIR_BUDGET at a time and only each pred's candidates are kept.
+some box has several feasible partners go to the solver (dense when small, else a sparse
+assignment over the feasible pairs). Memory grows with the candidates kept
+(P x candidate_top_k), never with P x G: pairs are scored PAIR_BUDGET at a time and only each
+pred's candidates are kept.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 PAIR_BUDGET = 1 << 18  # (pred, GT) pairs scored at once, whatever P x G is
+DENSE_CELLS = 1 << 16  # a tangled image up to this many cells is solved dense, beyond sparsely
 
 
 @dataclass(frozen=True)
@@ -193,21 +196,34 @@ def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:
 def _solve_image(pred: np.ndarray, gt: np.ndarray, cost: np.ndarray, fp_cost: float,
                  fn_cost: float) -> np.ndarray:
     """Indices of the matched pairs among one image's feasible pairs (pred [n], gt [n], cost
-    [n]): a sparse assignment over p preds and g GT that have a feasible pair, each pred with a
-    dummy column (left unmatched: fp_cost), each GT with a dummy row (fn_cost). A dummy row
-    meets a dummy column only where their real pair is feasible (cost 0): that is enough for
-    every optimum of the dense [[pair | fp], [fn | 0]] problem, since an optimum's matched
-    pairs cover exactly those dummies."""
+    [n]), over the p preds and g GT that have a feasible pair (the others can only be FP / FN).
+
+    The problem is the dummy-augmented [[pair | fp], [fn | 0]] assignment. Small ones are
+    solved dense (scipy's Hungarian: fastest there); past DENSE_CELLS, sparsely over the
+    feasible pairs, each pred with its own dummy column (fp_cost), each GT with its own dummy
+    row (fn_cost), and a dummy row meeting a dummy column only where their real pair is
+    feasible (cost 0): enough for every optimum of the dense problem, since an optimum's
+    matched pairs free exactly those dummies.
+    """
     rows, r = np.unique(pred, return_inverse=True)
     cols, c = np.unique(gt, return_inverse=True)
     p, g = len(rows), len(cols)
-    edge_row = np.concatenate([r, np.arange(p), p + np.arange(g), p + c])
-    edge_col = np.concatenate([c, g + np.arange(p), np.arange(g), g + r])
-    weight = np.concatenate([cost, np.full(p, fp_cost), np.full(g, fn_cost), np.zeros(len(r))])
-    # + 1 on every edge: the solver needs non-zero weights, and every full matching has
-    # p + g edges, so the offset changes no choice
-    graph = csr_matrix((weight + 1.0, (edge_row, edge_col)), shape=(p + g, g + p))
-    mr, mc = min_weight_full_bipartite_matching(graph)
+    if (p + g) ** 2 <= DENSE_CELLS:
+        dense = np.full((p + g, g + p), np.inf)  # [p + g, g + p]
+        dense[r, c] = cost
+        dense[:p, g:] = fp_cost  # pred left unmatched
+        dense[p:, :g] = fn_cost  # GT left unmatched
+        dense[p:, g:] = 0.0
+        mr, mc = linear_sum_assignment(dense)
+    else:
+        edge_row = np.concatenate([r, np.arange(p), p + np.arange(g), p + c])
+        edge_col = np.concatenate([c, g + np.arange(p), np.arange(g), g + r])
+        weight = np.concatenate([cost, np.full(p, fp_cost), np.full(g, fn_cost),
+                                 np.zeros(len(r))])
+        # + 1 on every edge: the solver needs non-zero weights, and every full matching has
+        # p + g edges, so the offset changes no choice
+        graph = csr_matrix((weight + 1.0, (edge_row, edge_col)), shape=(p + g, g + p))
+        mr, mc = min_weight_full_bipartite_matching(graph)
     real = (mr < p) & (mc < g)
     key = r * g + c  # [n] unique per pair
     order = np.argsort(key)
