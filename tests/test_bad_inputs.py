@@ -512,6 +512,17 @@ def model_flag_cases() -> dict[str, Case]:
         "demo-minutes_zero": Case(("demo", "--out", "{w}/d", "--minutes", "0"), "--minutes"),
         "eval-constant_score_nan": Case((*EVAL, "--constant-score", "nan"), "--constant-score"),
         "cli-unknown_command": Case(("fly",), "fly"),
+        # an earlier output stays as it was when a later run of the command fails
+        "eval-keeps_old_outputs": Case(EVAL, "pred.jsonl:1", (
+            ("out/metrics.json", '{"mAP": 0.5}\n'), ("out/per_image.json", "[]\n"),
+            ("pred.jsonl", "{\n"))),
+        "infer-keeps_old_predictions": Case(
+            ("infer", "--model", "{w}/no_model", "--data", "{w}/data.jsonl", "--out",
+             "{w}/p.jsonl"), "data.jsonl:1", (("p.jsonl", line(P)), ("data.jsonl", "[\n"))),
+        "coco-keeps_old_records": Case(COCO_ARGV, "coco.json", (
+            ("c.jsonl", line(GOOD)), ("coco.json", "[]"))),
+        "report-keeps_old_report": Case(REPORT, "logging.jsonl:1", (
+            ("run/report/report.md", "# old\n"), ("run/logging.jsonl", "[1]\n"))),
         "cli-unknown_flag": Case((*EVAL, "--fast"), "--fast"),
     }
 
@@ -528,6 +539,7 @@ def run_case(w: Path, case: Case, capsys) -> str:
     """Run the case in folder w; assert the common contract; return the stderr line."""
     for name, content in case.files:
         path = w / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         if content is None:
             path.unlink()
         elif isinstance(content, bytes):
