@@ -527,8 +527,47 @@ def model_flag_cases() -> dict[str, Case]:
     }
 
 
+# -- export and visualize ---------------------------------------------------------------------
+EXPORT = ("export", "coco-results", "--pred", "{w}/pred.jsonl", "--gt", "{w}/coco.json", "--out",
+          "{w}/results.json")
+VISUALIZE = ("visualize", "--pred", "{w}/pred.jsonl", "--out", "{w}/vis")
+
+
+def export_cases() -> dict[str, Case]:
+    only_a = ("pred.jsonl", line(P | {"images": ["a.png"]}))
+    cases = {f"export-{bad}": Case(EXPORT, "coco.json", (only_a, ("coco.json", json.dumps(inst))))
+             for bad, (inst, _) in BAD_COCO.items()
+             if bad.startswith(("top_level", "missing_images", "missing_categories", "images_a",
+                                "image_without"))}
+    cases |= {
+        "export-pred_image_not_in_gt": Case(EXPORT, "pred.jsonl:2"),
+        "export-out_is_a_directory": Case(EXPORT[:-1] + ("{w}/run",), "--out {w}/run"),
+        "export-out_under_a_file": Case(EXPORT[:-1] + ("{w}/a_file/r.json",), "a_file"),
+        "export-pred_not_utf8": Case(EXPORT, "pred.jsonl:1: not UTF-8",
+                                     (("pred.jsonl", b'{"images": ["\xff"]}\n'),)),
+        "export-pred_malformed": Case(EXPORT, "pred.jsonl:2", (("pred.jsonl", line(P) + "{\n"),)),
+        "export-coco_truncated": Case(EXPORT, "coco.json", (("coco.json", '{"images": ['),)),
+        "export-keeps_old_results": Case(EXPORT, "coco.json", (
+            ("results.json", "[]\n"), ("coco.json", "{}"))),
+        "visualize-out_is_a_file": Case(VISUALIZE[:-1] + ("{w}/a_file",), "--out {w}/a_file"),
+        "visualize-pred_not_utf8": Case(VISUALIZE, "pred.jsonl:2: not UTF-8",
+                                        (("pred.jsonl", line(P).encode() + b"\xff\n"),)),
+        "visualize-pred_malformed": Case(VISUALIZE, "pred.jsonl:1", (("pred.jsonl", "[\n"),)),
+        "visualize-gt_malformed": Case((*VISUALIZE, "--gt", "{w}/gt.jsonl"), "gt.jsonl:1",
+                                       (("gt.jsonl", "{\n"),)),
+        "visualize-min_score_nan": Case((*VISUALIZE, "--min-score", "nan"), "--min-score"),
+        "infer-images_missing": Case(("infer", "--model", "{w}/m", "--images", "{w}/nothere",
+                                      "--out", "{w}/p.jsonl"), "--images {w}/nothere"),
+        "infer-images_none_found": Case(("infer", "--model", "{w}/m", "--images", "{w}/run",
+                                         "--out", "{w}/p.jsonl"), "--images"),
+        "infer-out_is_a_file_parent": Case(("infer", "--model", "{w}/m", "--images", "{w}",
+                                            "--out", "{w}/a_file/p.jsonl"), "a_file"),
+    }
+    return cases
+
+
 CASES = (record_cases() | pred_cases() | eval_flag_cases() | config_cases() | data_cases()
-         | report_cases() | model_flag_cases())
+         | report_cases() | model_flag_cases() | export_cases())
 
 
 def snapshot(w: Path) -> dict[str, bytes]:
@@ -573,7 +612,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_culprit(name, tmp_path, caps
 def test_the_corpus_is_large_and_covers_every_command():
     assert len(CASES) + len(MODEL_CASES) >= 150
     commands = {c.argv[0] if c.argv else "" for c in CASES.values()}
-    assert {"data", "eval", "train", "infer", "report", "model"} <= commands
+    assert {"data", "eval", "train", "infer", "report", "model", "export", "visualize"} <= commands
 
 
 # -- damaged checkpoints and model files, bad images: a tiny model is built first -------------

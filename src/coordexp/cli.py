@@ -262,13 +262,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
     from coordexp.export import export_coco_results
+    from coordexp.files import check_output_file
 
+    check_output_file(args.out, "--out")
     return export_coco_results(args.pred, args.gt, args.out, semantic=args.semantic)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.visualize import visualize_command
 
+    check_output_dir(args.out, "--out")
     return visualize_command(args.pred, args.out, gt=args.gt, image_root=args.image_root,
                              min_score=args.min_score)
 
