@@ -87,7 +87,9 @@ def test_a_corrupt_log_row_before_the_last_is_an_error_naming_the_line(tmp_path)
 
 # -- 16-bit images ----------------------------------------------------------------------------
 def test_16_bit_png_is_scaled_to_8_bit_the_same_way_everywhere(tmp_path):
+    from coordexp.detector import image_inputs
     from coordexp.report.plots import _load_image
+    from coordexp.visualize import open_image
 
     grey8 = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
     Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # 0..65535
@@ -104,6 +106,10 @@ def test_16_bit_png_is_scaled_to_8_bit_the_same_way_everywhere(tmp_path):
     overlay, found = _load_image(tmp_path / "g16.png", 16, 16)  # what the report draws on
     assert found
     np.testing.assert_array_equal(overlay, training)
+    drawn = open_image(tmp_path / "g16.png", r16)  # what coordexp visualize draws on
+    np.testing.assert_array_equal(np.asarray(drawn), training)
+    _, in_memory = image_inputs([Image.open(tmp_path / "g16.png")])  # Detector.predict(PIL)
+    np.testing.assert_array_equal(np.asarray(in_memory[0]), training)
     # Pillow's own convert("RGB") clips: nearly white; the test above would catch that
     assert np.asarray(Image.open(tmp_path / "g16.png").convert("RGB")).mean() > 250
 
