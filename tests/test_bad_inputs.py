@@ -645,7 +645,7 @@ MODEL_CASES = {  # name -> (argv, culprit, damage(w) -> files to write)
         (f"{CKPT}/trainer_state.json", b'{"step": "\xff"}'),)),
     "resume-missing_weights": (RESUME, "incomplete checkpoint (missing model.safetensors)",
                                lambda w: ((f"{CKPT}/model.safetensors", None),)),
-    "infer-truncated_safetensors": (INFER, "model: cannot load model weights", lambda w: (
+    "infer-truncated_safetensors": (INFER, "model: cannot load the model weights", lambda w: (
         ("model/model.safetensors", half(w / "model" / "model.safetensors")),)),
     "train-special_token_desc": (("train", "{w}/cfg.yaml"), "'<|coord_5|>'", lambda w: (
         ("train.jsonl", line(GOOD) + line(with_obj(desc="cat <|coord_5|>"))),)),

@@ -63,7 +63,7 @@ def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None 
         model = T.AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, SafetensorError) as e:  # truncated / missing safetensors
-        raise UserError(f"{model_dir}: cannot load model weights "
+        raise UserError(f"{model_dir}: cannot load the model weights "
                         f"({' '.join(str(e).split())[:200]})") from None
     return model, processor, family
 
