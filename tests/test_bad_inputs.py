@@ -370,7 +370,7 @@ BAD_COCO = {  # instances -> culprit
     "image_not_object": (coco_with(images=[5]), "images[0]"),
     "image_without_id": (coco_with(images=[without(IMG, "id")]), "images[0]: missing 'id'"),
     "image_without_file_name": (coco_with(images=[without(IMG, "file_name")]),
-                                "images[0]: missing 'file_name'"),
+                                "image id 1 has no 'file_name'"),
     "image_without_width": (coco_with(images=[without(IMG, "width")]),
                             "images[0]: missing 'width'"),
     "image_without_height": (coco_with(images=[without(IMG, "height")]),
@@ -406,6 +406,8 @@ BAD_COCO = {  # instances -> culprit
     "iscrowd_two": (coco_with(annotations=[ANN | {"iscrowd": 2}]), "annotations[0]: 'iscrowd'"),
     "duplicate_annotation_id": (coco_with(annotations=[ANN, ANN]),
                                 "annotations[1]: duplicate annotation id 7"),
+    "unknown_image": (coco_with(annotations=[ANN | {"image_id": 99}]),
+                      "annotations[0]: image_id 99 is not in 'images'"),
 }
 COCO_ARGV = ("data", "coco", "--instances", "{w}/coco.json", "--images", "{w}", "--out",
              "{w}/c.jsonl")

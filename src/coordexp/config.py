@@ -23,7 +23,7 @@ from coordexp.matching import MatchConfig
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # an HF model directory with the coord tokens (see `coordexp model ...`)
+    path: str = ""  # an HF model directory with the coord tokens, or a hub id in the HF cache
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
 
@@ -60,6 +60,12 @@ class TrainingConfig:
     save_total_limit: int = 2
     metric_for_best: str = "rollout/mAP"
     eval_at_end: bool = True
+    # padding-free packing: none | static (a pack plan fixed once from the encoded lengths);
+    # with static, a micro-step is one packed row of up to packing_length tokens
+    packing: str = "none"
+    packing_length: int = 4096
+    packing_allow_single_long: bool = False  # a sample longer than a row runs alone
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb; logging.jsonl always
 
 
 @dataclass(frozen=True)
@@ -149,9 +155,11 @@ class Config:
         return t.effective_batch_size // (t.per_device_batch_size * world_size)
 
 
+REPORTERS = ("tensorboard", "wandb")  # training.report_to
 CHOICES = {
     "training.stage": ("stage1", "stage2_ab"),
     "training.mixed_precision": ("no", "bf16", "fp16"),
+    "training.packing": ("none", "static"),
     "data.field_order": ("desc_first", "geometry_first"),
     "model.coord_embed_init": ("mean", "ordinal"),
     "stage2_ab.softctx_grad_mode": ("unroll", "em_detach"),
@@ -178,6 +186,11 @@ def _coerce(value, tp, key: str):
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if origin is tuple:  # tuple[X, ...], written as a YAML list
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key '{key}' must be a list, e.g. [a, b]; got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]")
+                     for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         value = {} if value is None else value  # an empty YAML section
         if not isinstance(value, dict):
@@ -355,11 +368,18 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
     if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:
         raise UserError("'stage2_ab.channel_b.drop_invalid_struct_ce_multiplier' must be in [1, 4]")
+    if not set(t.report_to) <= set(REPORTERS) or len(set(t.report_to)) < len(t.report_to):
+        raise UserError(f"'training.report_to' lists each of {', '.join(REPORTERS)} at most "
+                        f"once, got {list(t.report_to)}")
     c = cfg.coord_soft_ce_w1
     if c.temperature <= 0 or c.target_sigma <= 0 or s.softctx_temperature <= 0:
         raise UserError("temperatures and 'coord_soft_ce_w1.target_sigma' must be > 0")
     if c.target_truncate is not None and c.target_truncate < 0:
         raise UserError("'coord_soft_ce_w1.target_truncate' must be >= 0 or null")
+    if t.packing == "static" and (t.per_device_batch_size != 1 or t.packing_length < 1):
+        raise UserError("with training.packing=static a micro-step is one packed row: set "
+                        "training.per_device_batch_size=1 (effective_batch_size counts rows) "
+                        "and training.packing_length >= 1")
     if t.stage == "stage2_ab" and s.schedule.b_ratio > 0 and t.mixed_precision == "fp16":
         raise UserError("Channel B with fp16 is not supported; use "
                         "training.mixed_precision=bf16 or no")
@@ -426,5 +446,23 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
             for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
 
 
+def packing_notes(cfg: Config) -> list[str]:
+    """What static packing leaves padded: Channel A with n_softctx_iter > 1."""
+    s = cfg.stage2_ab
+    if cfg.training.packing != "static" or cfg.training.stage != "stage2_ab" or \
+            s.n_softctx_iter == 1 or s.schedule.b_ratio == 1:
+        return []
+    return ["note: training.packing=static packs Stage 1, Channel B and Channel A with "
+            "n_softctx_iter 1; this Channel A (n_softctx_iter > 1) runs each pack's samples "
+            "right-padded, since its shared prefix needs rows that start at position 0"]
+
+
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain dicts and lists (YAML-safe: tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value

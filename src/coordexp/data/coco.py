@@ -10,6 +10,10 @@ from coordexp.data.records import MAX_SIDE, DetObject, Record
 from coordexp.errors import UserError
 from coordexp.files import parse_json, read_text
 
+# LVIS image keys (category ids) and the record keys that keep them (category names)
+LVIS_KEYS = {"neg_category_ids": "neg_categories",
+             "not_exhaustive_category_ids": "not_exhaustive_categories"}
+
 
 def load_json(path: str | Path) -> object:
     return parse_json(read_text(path), f"{path} (truncated?)")
@@ -18,11 +22,29 @@ def load_json(path: str | Path) -> object:
 def coco_to_records(instances: object, images_dir: Path, out_dir: Path, *, max_objects: int = 60,
                     keep_crowd: bool = False,
                     source: str = "instances") -> tuple[list[Record], Counter]:
-    """Convert a COCO instances dict; returns records and counts of what was skipped and why.
+    """Convert a COCO instances dict; returns records and counts of what was skipped and why
+    (crowd and degenerate boxes, images over max_objects and their annotations)."""
+    names, by_image = index_instances(instances, source)
+    skipped: Counter = Counter()
+    records = []
+    for img in instances["images"]:
+        objects = image_objects(img, by_image[img["id"]], names, skipped, keep_crowd)
+        if len(objects) > max_objects:
+            skipped["images_over_max_objects"] += 1
+            skipped["annotations_in_images_over_max_objects"] += len(objects)
+            continue
+        if "file_name" not in img:
+            raise UserError(f"{source}: image id {img['id']} has no 'file_name'")
+        rel = os.path.relpath(images_dir / img["file_name"], out_dir)
+        records.append(Record(rel, int(img["width"]), int(img["height"]), tuple(objects),
+                              out_dir, {"image_id": img["id"]}))
+    return records, skipped
 
-    Malformed entries and duplicate ids are errors naming the entry; annotations of unknown
-    images, crowd and degenerate boxes, and images over max_objects are skipped and counted.
-    """
+
+def index_instances(instances: object, source: str) -> tuple[dict, dict[object, list]]:
+    """Category names by id and annotations by image id, after checking every field they use:
+    a missing or mistyped field, a duplicate id or an unknown reference is an error naming the
+    entry."""
     if not isinstance(instances, dict):
         raise UserError(f"{source}: a COCO instances file must be a JSON object")
     for key in ("images", "annotations", "categories"):
@@ -30,28 +52,28 @@ def coco_to_records(instances: object, images_dir: Path, out_dir: Path, *, max_o
             raise UserError(f"{source}: top-level key '{key}' must be a list"
                             if key in instances else f"{source}: missing top-level key '{key}'")
     names = _categories(instances["categories"], source)
-    images = _images(instances["images"], source)
-    by_image, skipped = _annotations_by_image(instances["annotations"], names, images, source)
-    records = []
-    for img in images.values():
-        w, h = img["width"], img["height"]
-        objects = []
-        for ann in by_image[img["id"]]:
-            if ann.get("iscrowd", 0) and not keep_crowd:
-                skipped["crowd_annotations"] += 1
-                continue
-            box = _clip_xywh(ann["bbox"], w, h)
-            if box is None:
-                skipped["degenerate_boxes"] += 1
-                continue
-            objects.append(DetObject(names[ann["category_id"]], box))
-        if len(objects) > max_objects:
-            skipped["images_over_max_objects"] += 1
-            skipped["annotations_in_images_over_max_objects"] += len(objects)
-            continue
-        rel = os.path.relpath(images_dir / img["file_name"], out_dir)
-        records.append(Record(rel, w, h, tuple(objects), out_dir, {"image_id": img["id"]}))
-    return records, skipped
+    image_ids = _image_ids(instances["images"], source)
+    by_image, seen = defaultdict(list), {}
+    for i, ann in enumerate(instances["annotations"]):
+        where = f"{source}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise UserError(f"{where}: must be an object")
+        if "id" in ann:
+            _unique(ann, where, seen, "annotation")
+        image_id = _field(ann, "image_id", _is_id, "an integer or string", where)
+        category = _field(ann, "category_id", _is_id, "an integer or string", where)
+        if category not in names:
+            raise UserError(f"{where}: category_id {category!r} is not in 'categories'")
+        if image_id not in image_ids:
+            raise UserError(f"{where}: image_id {image_id!r} is not in 'images'")
+        if "bbox" not in ann:
+            raise UserError(f"{where}: missing 'bbox' (segmentation-only annotations are not "
+                            "supported)")
+        _field(ann, "bbox", _is_bbox, "4 finite numbers [x, y, width, height]", where)
+        if "iscrowd" in ann:
+            _field(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", where)
+        by_image[image_id].append(ann)
+    return names, by_image
 
 
 def _field(entry: dict, key: str, ok, what: str, where: str):
@@ -102,45 +124,35 @@ def _categories(categories: list, source: str) -> dict:
     return names
 
 
-def _images(images: list, source: str) -> dict:
-    out, seen = {}, {}
+def _image_ids(images: list, source: str) -> set:
+    seen = {}
     for i, img in enumerate(images):
         where = f"{source}: images[{i}]"
         if not isinstance(img, dict):
             raise UserError(f"{where}: must be an object")
-        key = _unique(img, where, seen, "image")
-        _field(img, "file_name", lambda v: isinstance(v, str) and v.strip() and "\0" not in v,
-               "a non-empty path", where)
+        _unique(img, where, seen, "image")
+        if "file_name" in img:  # LVIS may give coco_url instead
+            _field(img, "file_name", lambda v: isinstance(v, str) and v.strip() and "\0" not in v,
+                   "a non-empty path", where)
         for side in ("width", "height"):
             _field(img, side, _is_side, f"an integer in [1, {MAX_SIDE}]", where)
-        out[key] = img
-    return out
+    return set(seen)
 
 
-def _annotations_by_image(annotations: list, names: dict, images: dict,
-                          source: str) -> tuple[dict, Counter]:
-    by_image, skipped, seen = defaultdict(list), Counter(), {}
-    for i, ann in enumerate(annotations):
-        where = f"{source}: annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise UserError(f"{where}: must be an object")
-        if "id" in ann:
-            _unique(ann, where, seen, "annotation")
-        image_id = _field(ann, "image_id", _is_id, "an integer or string", where)
-        category = _field(ann, "category_id", _is_id, "an integer or string", where)
-        if category not in names:
-            raise UserError(f"{where}: category_id {category!r} is not in 'categories'")
-        if "bbox" not in ann:
-            raise UserError(f"{where}: missing 'bbox' (segmentation-only annotations are not "
-                            "supported)")
-        _field(ann, "bbox", _is_bbox, "4 finite numbers [x, y, width, height]", where)
-        if "iscrowd" in ann:
-            _field(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", where)
-        if image_id not in images:
-            skipped["annotations_of_unknown_images"] += 1
+def image_objects(img: dict, anns: list[dict], names: dict[int, str], skipped: Counter,
+                  keep_crowd: bool) -> list[DetObject]:
+    """One image's objects: boxes clipped to the image; crowd and empty boxes counted out."""
+    objects = []
+    for ann in anns:
+        if ann.get("iscrowd", 0) and not keep_crowd:
+            skipped["crowd_annotations"] += 1
             continue
-        by_image[image_id].append(ann)
-    return by_image, skipped
+        box = _clip_xywh(ann["bbox"], int(img["width"]), int(img["height"]))
+        if box is None:
+            skipped["degenerate_boxes"] += 1
+            continue
+        objects.append(DetObject(names[ann["category_id"]], box))
+    return objects
 
 
 def _clip_xywh(bbox: list[float], w: int, h: int) -> tuple[float, ...] | None:
@@ -151,15 +163,26 @@ def _clip_xywh(bbox: list[float], w: int, h: int) -> tuple[float, ...] | None:
 
 
 def records_to_coco(records: list[Record]) -> dict:
-    """Records -> COCO instances (image ids 1.., category ids 1.. in first-seen order)."""
+    """Records -> COCO instances (category ids 1.. in first-seen order; image ids from the
+    records' `image_id` when every record has a distinct one, else 1..N). LVIS records also
+    give their images `neg_category_ids` and `not_exhaustive_category_ids`."""
+    ids = [r.extra.get("image_id") for r in records]
+    if not (all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids)):
+        ids = list(range(1, len(records) + 1))
     cats: dict[str, int] = {}
     images, anns = [], []
-    for i, rec in enumerate(records, 1):
-        images.append({"id": i, "file_name": rec.image, "width": rec.width, "height": rec.height})
+    for image_id, rec in zip(ids, records, strict=True):
+        image = {"id": image_id, "file_name": rec.image, "width": rec.width,
+                 "height": rec.height}
         for o in rec.objects:
-            cid = cats.setdefault(o.desc, len(cats) + 1)
             x1, y1, x2, y2 = o.box_px
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cid, "iscrowd": 0,
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            anns.append({"id": len(anns) + 1, "image_id": image_id,
+                         "category_id": cats.setdefault(o.desc, len(cats) + 1), "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+                        | ({"difficult": 1} if o.difficult else {}))
+        for ids_key, names_key in LVIS_KEYS.items():
+            if names_key in rec.extra:
+                image[ids_key] = [cats.setdefault(n, len(cats) + 1) for n in rec.extra[names_key]]
+        images.append(image)
     categories = [{"id": cid, "name": name} for name, cid in cats.items()]
     return {"images": images, "annotations": anns, "categories": categories}
