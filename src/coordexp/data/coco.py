@@ -53,23 +53,23 @@ def index_instances(instances: object, source: str) -> tuple[dict, dict[object, 
                             if key in instances else f"{source}: missing top-level key '{key}'")
     names = _categories(instances["categories"], source)
     image_ids = _image_ids(instances["images"], source)
-    by_image, seen = defaultdict(list), {}
+    by_image = defaultdict(list)
     for i, ann in enumerate(instances["annotations"]):
-        where = f"{source}: annotations[{i}]"
         if not isinstance(ann, dict):
-            raise UserError(f"{where}: must be an object")
-        if "id" in ann:
-            _unique(ann, where, seen, "annotation")
+            raise UserError(f"{source}: annotation {i} must be an object")
+        where = f"{source}: annotation {i} (id {ann.get('id')})"
         image_id = _field(ann, "image_id", _is_id, "an integer or string", where)
         category = _field(ann, "category_id", _is_id, "an integer or string", where)
         if category not in names:
-            raise UserError(f"{where}: category_id {category!r} is not in 'categories'")
+            raise UserError(f"{where} has category_id {category!r}, which no category has")
         if image_id not in image_ids:
-            raise UserError(f"{where}: image_id {image_id!r} is not in 'images'")
+            raise UserError(f"{where} has image_id {image_id!r}, which no image has")
         if "bbox" not in ann:
-            raise UserError(f"{where}: missing 'bbox' (segmentation-only annotations are not "
+            raise UserError(f"{where} has no 'bbox' (segmentation-only annotations are not "
                             "supported)")
-        _field(ann, "bbox", _is_bbox, "4 finite numbers [x, y, width, height]", where)
+        if not _is_bbox(ann["bbox"]):
+            raise UserError(f"{where} has bbox {_short(ann['bbox'])}; expected [x, y, width, "
+                            "height], 4 finite numbers")
         if "iscrowd" in ann:
             _field(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", where)
         by_image[image_id].append(ann)
@@ -78,13 +78,16 @@ def index_instances(instances: object, source: str) -> tuple[dict, dict[object, 
 
 def _field(entry: dict, key: str, ok, what: str, where: str):
     if key not in entry:
-        raise UserError(f"{where}: missing '{key}'")
+        raise UserError(f"{where} has no '{key}'")
     value = entry[key]
     if not ok(value):
-        text = repr(value)
-        raise UserError(f"{where}: '{key}' must be {what}, got "
-                        f"{text if len(text) <= 40 else text[:37] + '...'}")
+        raise UserError(f"{where}: '{key}' must be {what}, got {_short(value)}")
     return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_id(v: object) -> bool:
@@ -116,9 +119,9 @@ def _unique(entry: dict, where: str, seen: dict, kind: str):
 def _categories(categories: list, source: str) -> dict:
     names, seen = {}, {}
     for i, cat in enumerate(categories):
-        where = f"{source}: categories[{i}]"
         if not isinstance(cat, dict):
-            raise UserError(f"{where}: must be an object")
+            raise UserError(f"{source}: category {i} must be an object")
+        where = f"{source}: category {i} (id {cat.get('id')})"
         key = _unique(cat, where, seen, "category")
         names[key] = _field(cat, "name", _is_name, "a non-empty one-line string", where)
     return names
@@ -127,9 +130,9 @@ def _categories(categories: list, source: str) -> dict:
 def _image_ids(images: list, source: str) -> set:
     seen = {}
     for i, img in enumerate(images):
-        where = f"{source}: images[{i}]"
         if not isinstance(img, dict):
-            raise UserError(f"{where}: must be an object")
+            raise UserError(f"{source}: image {i} must be an object")
+        where = f"{source}: image {i} (id {img.get('id')})"
         _unique(img, where, seen, "image")
         if "file_name" in img:  # LVIS may give coco_url instead
             _field(img, "file_name", lambda v: isinstance(v, str) and v.strip() and "\0" not in v,
