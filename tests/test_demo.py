@@ -40,7 +40,8 @@ def test_demo_end_to_end_small(tmp_path, monkeypatch, capsys):
     # the control and Stage 2 start from the one checkpoint Stage 1 chose, for equal time
     resolved = {run: yaml.safe_load((root / run / "resolved_config.yaml").read_text())
                 for run in ("stage2_ab", "stage1_continued")}
-    starts = {run: (c["model"]["path"], c["training"]["max_minutes"]) for run, c in resolved.items()}
+    starts = {run: (c["model"]["path"], c["training"]["max_minutes"])
+              for run, c in resolved.items()}
     assert len(set(starts.values())) == 1
     assert Path(starts["stage2_ab"][0]).resolve() == demo.best_checkpoint(root / "stage1").resolve()
     assert resolved["stage1_continued"]["training"]["learning_rate"] == \

@@ -18,8 +18,9 @@ RECIPE = Path(study.__file__).parent / "configs" / "demo"
 def test_paired_differences_and_intervals_equal_a_hand_computation():
     control = [0.5, 0.6, 0.7]
     arm = [0.6, 0.6, 0.9]  # paired differences 0.1, 0.0, 0.2
-    results = ([{"arm": "c", "seed": s, "rollout/AP50": v} for s, v in zip((1, 2, 3), control)]
-               + [{"arm": "x", "seed": s, "rollout/AP50": v} for s, v in zip((1, 2, 3), arm)])
+    results = [{"arm": name, "seed": seed, "rollout/AP50": v}
+               for name, values in (("c", control), ("x", arm))
+               for seed, v in zip((1, 2, 3), values, strict=True)]
     rows = {(r["metric"], r["arm"]): r for r in study.summarize(results, ["c", "x"], "c")}
     x, c = rows["AP50", "x"], rows["AP50", "c"]
     assert x["n"] == 3 and x["mean"] == pytest.approx(2.1 / 3)
@@ -54,24 +55,24 @@ def write_spec(tmp_path: Path, synth_dir: Path, **extra) -> Path:
     spec = {"output_dir": str(tmp_path / "study"),
             "data": {"train": str(synth_dir / "train.jsonl"), "val": str(synth_dir / "val.jsonl")},
             "start": {"config": str(RECIPE / "stage1.yaml"),
-                      "overrides": ["training.max_steps=2", "training.eval_steps=2",
-                                    "training.save_steps=2", "training.per_device_batch_size=4",
-                                    "training.effective_batch_size=4", "data.val_limit=2",
-                                    "rollout.max_new_tokens=24"]},
+                      "overrides": ["training.max_steps=2", "training.eval_steps=9",
+                                    "training.eval_at_end=false", "training.save_steps=2",
+                                    "training.per_device_batch_size=2",
+                                    "training.effective_batch_size=2"]},
             "budget": {"steps": 2}, "seeds": [1, 2], "control": "control",
             "arms": {"control": {"config": str(RECIPE / "stage1_continued.yaml"),
-                                 "overrides": ["training.per_device_batch_size=4",
-                                               "training.effective_batch_size=4",
+                                 "overrides": ["training.per_device_batch_size=2",
+                                               "training.effective_batch_size=2",
                                                "data.val_limit=2", "rollout.max_new_tokens=24"]},
                      "a_n1": {"config": str(RECIPE / "stage2_ab.yaml"),
                               "overrides": ["stage2_ab.schedule.b_ratio=0.0",
                                             "stage2_ab.n_softctx_iter=1",
-                                            "training.per_device_batch_size=4",
-                                            "training.effective_batch_size=4",
+                                            "training.per_device_batch_size=2",
+                                            "training.effective_batch_size=2",
                                             "data.val_limit=2", "rollout.max_new_tokens=24"]}}}
     spec |= extra
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # arms in this order
     return path
 
 

@@ -96,7 +96,8 @@ def measure_step_seconds(cfg, repeats: int = 6) -> float:
 
 def draw_data(out: Path) -> tuple[list[str], list[str]]:
     """The task's train and reported val splits, and a selection split from another seed;
-    returns the overrides for runs that report (val = reported) and for Stage 1 (val = selection)."""
+    returns the overrides for the runs that report (val = reported) and for Stage 1
+    (val = selection)."""
     synthesize(out / "data", N_TRAIN, N_VAL, seed=0, spec=TASK)
     synthesize(out / "selection", 0, N_SELECT, seed=1, spec=TASK)
     common = [f"{key}={json.dumps(str(path))}" for key, path in (  # quoted: any path is a string

@@ -84,8 +84,8 @@ def load_spec(path: str | Path, output_dir: str = "") -> StudySpec:
     _need(isinstance(start, dict) and set(start) in ({"checkpoint"}, {"config"},
                                                      {"config", "overrides"}), path,
           "'start' must be {checkpoint: DIR} or {config: YAML, overrides: [...]}")
-    start = {k: (_overrides(v, path, "start.overrides", START_OWNED) if k == "overrides" else here / v)
-             for k, v in start.items()}
+    start = {k: (_overrides(v, path, "start.overrides", START_OWNED) if k == "overrides"
+                 else here / v) for k, v in start.items()}
     _need(isinstance(budget, dict) and len(budget) == 1 and set(budget) <= {"minutes", "steps"}
           and isinstance(next(iter(budget.values())), int | float)
           and next(iter(budget.values())) > 0, path,
@@ -112,8 +112,8 @@ def prepare_data(spec: StudySpec) -> tuple[str, str]:
     """(train, val) record files; a synthetic task is drawn once into the study directory."""
     if "synth" not in spec.data:
         return spec.data["train"], spec.data["val"]
-    from coordexp.demo import TASK
     from coordexp.data.synthetic import synthesize
+    from coordexp.demo import TASK
 
     out = spec.output_dir / "data"
     if not (out / "val_coco.json").is_file():  # written last by synthesize
