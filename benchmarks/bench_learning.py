@@ -7,9 +7,10 @@ is the demo's Stage 1 (tiny Qwen3-VL, ordinal coord init, batch 8, lr 1e-3, sigm
 step count is set from a step time measured here so the cosine schedule ends with the budget,
 and the readings at a quarter and a half are mid-schedule evals of that one run (not separate
 shorter runs). Target: AP50 >= 0.5 at 60 CPU-minutes on 2 cores. Not in CI; with --minutes
-below 60 the numbers are a smoke run, not a result.
+below 60 (or fewer images) the numbers are a smoke run, not a result.
 
     python benchmarks/bench_learning.py [--minutes 60] [--seeds 1,2] [--out runs/bench_learning]
+    python benchmarks/bench_learning.py --minutes 1 --train 400 --val 16 --out /tmp/bl  # smoke
 """
 
 from __future__ import annotations
@@ -66,17 +67,21 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=60.0, help="training minutes per seed")
     p.add_argument("--seeds", default="1,2", help="comma-separated training seeds")
     p.add_argument("--out", default="runs/bench_learning")
+    p.add_argument("--train", type=int, default=N_TRAIN, help="train images (smoke runs: fewer)")
+    p.add_argument("--val", type=int, default=N_VAL, help="held-out images")
     args = p.parse_args()
     out = Path(args.out)
     if not (out / "data" / "val_coco.json").is_file():
-        synthesize(out / "data", N_TRAIN, N_VAL, seed=0, spec=TASK)
+        synthesize(out / "data", args.train, args.val, seed=0, spec=TASK)
     data = [f"data.train={json.dumps(str(out / 'data' / 'train.jsonl'))}",
             f"data.val={json.dumps(str(out / 'data' / 'val.jsonl'))}"]
     rows = [r for seed in map(int, args.seeds.split(","))
             for r in run_seed(out, data, seed, args.minutes)]
-    label = "" if args.minutes >= 60 else " (SMOKE RUN, not a result)"
+    full = args.minutes >= 60 and (args.train, args.val) == (N_TRAIN, N_VAL)
+    label = "" if full else " (SMOKE RUN, not a result)"
     print(f"\nbench_learning{label}: {len(TASK.shapes)} shapes x {len(TASK.colours)} colours, "
-          f"{TASK.min_objects}-{TASK.max_objects} objects, {N_TRAIN} train / {N_VAL} val images")
+          f"{TASK.min_objects}-{TASK.max_objects} objects, {args.train} train / {args.val} "
+          "val images")
     print("| seed | minutes (nominal) | step | AP50 | mAP | F1 |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['minutes']:.1f} | {r['step']} | {r['AP50']:.3f} | "
