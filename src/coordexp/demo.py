@@ -58,10 +58,11 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
             "rollout/pred_objects", "rollout/gt_objects_total",
             "rollout/parse_invalid_rollout_rate"]
     head = ["stage", "step"] + [k.split("/")[1] for k in keys]
-    lines = [" | ".join(f"{h:>10}" for h in head)]
+    width = max(len(stage) for stage, _ in rows + [("stage", {})])
+    lines = [" | ".join([f"{head[0]:>{width}}"] + [f"{h:>10}" for h in head[1:]])]
     for stage, r in rows:
-        cells = [stage, str(r["step"])] + [f"{r.get(k, float('nan')):.3f}" for k in keys]
-        lines.append(" | ".join(f"{c:>10}" for c in cells))
+        cells = [str(r["step"])] + [f"{r.get(k, float('nan')):.3f}" for k in keys]
+        lines.append(" | ".join([f"{stage:>{width}}"] + [f"{c:>10}" for c in cells]))
     return "\n".join(lines)
 
 
