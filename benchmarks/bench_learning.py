@@ -4,7 +4,7 @@ quarter, a half and all of a CPU-time budget (15, 30 and 60 minutes at the defau
 The task: 2-6 objects per 112 px image, 3 shapes x 4 colours (12 classes), 20-40 % of the
 side, placed independently (so some overlap, later shapes drawn over earlier ones). The recipe
 is the demo's Stage 1 (tiny Qwen3-VL, ordinal coord init, batch 8, lr 1e-3, sigma 1 px); the
-step count is set from a step time measured here so the cosine schedule ends with the budget,
+step count is set once from a step time measured here so the cosine schedule ends with the budget,
 and the readings at a quarter and a half are mid-schedule evals of that one run (not separate
 shorter runs). Target: AP50 >= 0.5 at 60 CPU-minutes on 2 cores. Not in CI; with --minutes
 below 60 (or fewer images) the numbers are a smoke run, not a result.
@@ -34,17 +34,21 @@ READINGS = 4  # evals at 1/4, 2/4, 3/4 and 4/4 of the budget
 TARGET_AP50 = 0.5
 
 
-def run_seed(out: Path, data: list[str], seed: int, minutes: float) -> list[dict]:
-    """One Stage-1 run for `minutes`; its eval rows, each with its nominal minute."""
-    base = data + [f"training.seed={seed}", "rollout.max_new_tokens=128",
-                   f"training.output_dir={json.dumps(str(out))}", f"training.run_name=seed{seed}"]
-    per_step = measure_step_seconds(load_config(RECIPE / "stage1.yaml", base))
-    every = max(1, int(60 * minutes / per_step) // READINGS)
-    cfg = load_config(RECIPE / "stage1.yaml", base + [
+def plan_steps(data: list[str], minutes: float) -> tuple[float, int]:
+    """(seconds per step measured here, steps between readings): one plan for every seed, so
+    seeds differ in their randomness only, not in how busy the machine was when each began."""
+    per_step = measure_step_seconds(load_config(RECIPE / "stage1.yaml", data))
+    return per_step, max(1, int(60 * minutes / per_step) // READINGS)
+
+
+def run_seed(out: Path, data: list[str], seed: int, minutes: float, per_step: float,
+             every: int) -> list[dict]:
+    """One Stage-1 run of READINGS * every steps; its eval rows, each with its nominal minute."""
+    cfg = load_config(RECIPE / "stage1.yaml", data + [
+        f"training.seed={seed}", "rollout.max_new_tokens=128",
+        f"training.output_dir={json.dumps(str(out))}", f"training.run_name=seed{seed}",
         f"training.max_steps={READINGS * every}", f"training.max_minutes={1.2 * minutes}",
         f"training.eval_steps={every}", f"training.save_steps={every}"])
-    print(f"[bench] seed {seed}: {per_step:.3f} s/step -> {READINGS * every} steps, "
-          f"eval every {every}")
     run_dir = train(cfg)
     rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
     # a reading k is the eval at step k * every; a run the time cap stopped early ends with an
@@ -75,8 +79,11 @@ def main() -> None:
         synthesize(out / "data", args.train, args.val, seed=0, spec=TASK)
     data = [f"data.train={json.dumps(str(out / 'data' / 'train.jsonl'))}",
             f"data.val={json.dumps(str(out / 'data' / 'val.jsonl'))}"]
+    per_step, every = plan_steps(data, args.minutes)
+    print(f"[bench] {per_step:.3f} s/step measured here -> {READINGS * every} steps per seed, "
+          f"eval every {every}")
     rows = [r for seed in map(int, args.seeds.split(","))
-            for r in run_seed(out, data, seed, args.minutes)]
+            for r in run_seed(out, data, seed, args.minutes, per_step, every)]
     full = args.minutes >= 60 and (args.train, args.val) == (N_TRAIN, N_VAL)
     label = "" if full else " (SMOKE RUN, not a result)"
     print(f"\nbench_learning{label}: {len(TASK.shapes)} shapes x {len(TASK.colours)} colours, "
