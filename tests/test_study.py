@@ -129,7 +129,7 @@ def test_study_arms_share_one_start_equal_budgets_and_resume_skips_finished(
 def test_spec_errors_name_the_key(tmp_path, synth_dir, capsys):
     bad = {"arms": {"control": {"config": "x.yaml", "overrides": ["training.seed=3"]}}}
     assert main(["study", str(write_spec(tmp_path, synth_dir, **bad))]) == 2
-    assert "which the study sets for every arm" in capsys.readouterr().err
+    assert "which the study sets itself" in capsys.readouterr().err
     assert main(["study", str(write_spec(tmp_path, synth_dir, control="nope"))]) == 2
     assert "'control' (nope) must name an arm" in capsys.readouterr().err
     assert main(["study", str(write_spec(tmp_path, synth_dir, budget={"hours": 1}))]) == 2

@@ -6,6 +6,7 @@ paired differences against the control arm with bootstrap intervals. Resumable: 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def _overrides(value, path: Path, key: str, owned: tuple[str, ...]) -> tuple[str
     _need(isinstance(value, list) and all(isinstance(v, str) for v in value), path,
           f"'{key}' must be a list of key=value strings")
     owned = [v for v in value if v.split("=", 1)[0].strip() in owned]
-    _need(not owned, path, f"'{key}' sets {owned}, which the study sets for every arm")
+    _need(not owned, path, f"'{key}' sets {owned}, which the study sets itself")
     return tuple(value)
 
 
@@ -66,45 +67,56 @@ def load_spec(path: str | Path, output_dir: str = "") -> StudySpec:
     """Read and check a study spec; paths in it are relative to the spec file."""
     path = Path(path)
     raw = read_yaml(path)
-    here = path.resolve().parent
     unknown = set(raw) - SPEC_KEYS
     _need(not unknown, path, f"unknown keys {sorted(unknown)}; valid: {sorted(SPEC_KEYS)}")
     missing = SPEC_KEYS - set(raw) - ({"output_dir"} if output_dir else set())
     _need(not missing, path, f"missing keys {sorted(missing)}")
-    data, start, budget = raw["data"], raw["start"], raw["budget"]
-    _need(isinstance(data, dict) and (set(data) in ({"train", "val"},
-                                                   {"synth", "train", "val"})), path,
-          "'data' must be {train: PATH, val: PATH} or {synth: demo, train: N, val: N}")
-    if "synth" in data:
-        _need(data["synth"] == "demo" and all(isinstance(data[k], int) and data[k] > 0
-                                             for k in ("train", "val")), path,
-              "'data.synth' must be 'demo' with positive train and val counts")
-    else:
-        data = {k: str(here / v) for k, v in data.items()}
-    _need(isinstance(start, dict) and set(start) in ({"checkpoint"}, {"config"},
-                                                     {"config", "overrides"}), path,
-          "'start' must be {checkpoint: DIR} or {config: YAML, overrides: [...]}")
-    start = {k: (_overrides(v, path, "start.overrides", START_OWNED) if k == "overrides"
-                 else here / v) for k, v in start.items()}
+    budget, seeds = raw["budget"], raw["seeds"]
     _need(isinstance(budget, dict) and len(budget) == 1 and set(budget) <= {"minutes", "steps"}
           and isinstance(next(iter(budget.values())), int | float)
           and next(iter(budget.values())) > 0, path,
           "'budget' must be {minutes: M} or {steps: N}, positive")
-    seeds = raw["seeds"]
     _need(isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)
           and len(set(seeds)) == len(seeds), path, "'seeds' must be a list of distinct integers")
-    arms = raw["arms"]
+    arms = _load_arms(raw["arms"], path)
+    _need(raw["control"] in [a.name for a in arms], path,
+          f"'control' ({raw['control']}) must name an arm")
+    return StudySpec(Path(output_dir or raw["output_dir"]), _load_data(raw["data"], path),
+                     _load_start(raw["start"], path), budget, tuple(seeds), raw["control"], arms)
+
+
+def _load_data(data, path: Path) -> dict:
+    _need(isinstance(data, dict) and (set(data) in ({"train", "val"},
+                                                   {"synth", "train", "val"})), path,
+          "'data' must be {train: PATH, val: PATH} or {synth: demo, train: N, val: N}")
+    if "synth" not in data:
+        return {k: str(path.resolve().parent / v) for k, v in data.items()}
+    _need(data["synth"] == "demo" and all(isinstance(data[k], int) and data[k] > 0
+                                         for k in ("train", "val")), path,
+          "'data.synth' must be 'demo' with positive train and val counts")
+    return data
+
+
+def _load_start(start, path: Path) -> dict:
+    _need(isinstance(start, dict) and set(start) in ({"checkpoint"}, {"config"},
+                                                     {"config", "overrides"}), path,
+          "'start' must be {checkpoint: DIR} or {config: YAML, overrides: [...]}")
+    return {k: (_overrides(v, path, "start.overrides", START_OWNED) if k == "overrides"
+                else path.resolve().parent / v) for k, v in start.items()}
+
+
+def _load_arms(arms, path: Path) -> tuple[Arm, ...]:
     _need(isinstance(arms, dict) and arms, path, "'arms' must map arm names to {config, overrides}")
     parsed = []
     for name, arm in arms.items():
+        _need(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None, path,
+              f"arm name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
         _need(isinstance(arm, dict) and "config" in arm and set(arm) <= {"config", "overrides"},
               path, f"arm '{name}' must be {{config: YAML, overrides: [...]}}")
-        parsed.append(Arm(name, here / arm["config"],
+        parsed.append(Arm(name, path.resolve().parent / arm["config"],
                           _overrides(arm.get("overrides", []), path, f"arms.{name}.overrides",
                                      ARM_OWNED)))
-    _need(raw["control"] in arms, path, f"'control' ({raw['control']}) must name an arm")
-    out = Path(output_dir or raw["output_dir"])
-    return StudySpec(out, data, start, budget, tuple(seeds), raw["control"], tuple(parsed))
+    return tuple(parsed)
 
 
 # -- running ----------------------------------------------------------------------------------
