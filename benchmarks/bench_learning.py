@@ -97,7 +97,7 @@ def main() -> None:
     for k in range(1, READINGS + 1):
         at = [r for r in rows if r["reading"] == k]
         if at:
-            print(f"| {k}/{READINGS} of {args.minutes:g} min ({len(at)} seeds) | "
+            print(f"| {k}/{READINGS} of {args.minutes:g} min (seeds: {len(at)}) | "
                   + " | ".join(spread([r[m] for r in at]) for m in ("AP50", "mAP", "F1")) + " |")
     last = [[r for r in rows if r["seed"] == s][-1]["AP50"] for s in dict.fromkeys(
         r["seed"] for r in rows)]
