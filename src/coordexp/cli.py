@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default="", help="checkpoint dir, or 'latest' in the run dir")
     tr.set_defaults(run=_cmd_train)
 
-    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
+    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, then Stage 2 AB and its "
+                        "equal-time control, eval, report")
     dm.add_argument("--out", default="demo_run", help="output folder")
     dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     dm.set_defaults(run=_cmd_demo)
