@@ -136,6 +136,13 @@ def test_spec_errors_name_the_key(tmp_path, synth_dir, capsys):
     assert "'budget' must be" in capsys.readouterr().err
     assert main(["study", str(write_spec(tmp_path, synth_dir, extra_key=1))]) == 2
     assert "unknown keys ['extra_key']" in capsys.readouterr().err
+    # a time budget with a warm-up or decaying schedule: refused before anything trains
+    warm = {"arms": {"control": {"config": str(RECIPE / "stage1.yaml")}}}
+    spec = write_spec(tmp_path, synth_dir, budget={"minutes": 1}, **warm)
+    assert main(["study", str(spec)]) == 2
+    assert "arm 'control': a minutes budget needs a constant learning rate" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "study" / "start").exists()
 
 
 def test_a_study_folder_keeps_its_spec(tmp_path, synth_dir, capsys):

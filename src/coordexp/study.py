@@ -26,7 +26,8 @@ NEAR_DUP_IOU = 0.9
 # keys the study sets for every arm; an arm that overrides one would break the comparison
 START_OWNED = ("training.output_dir", "training.run_name", "data.train", "data.val")
 ARM_OWNED = START_OWNED + ("model.path", "model.init_tiny", "training.seed", "training.max_steps",
-                           "training.max_minutes", "monitor_dump.max_samples")
+                           "training.max_minutes", "training.eval_at_end", "monitor_dump.enabled",
+                           "monitor_dump.max_samples")
 SPEC_KEYS = {"output_dir", "data", "start", "budget", "seeds", "control", "arms"}
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -174,18 +175,22 @@ def budget_overrides(budget: dict) -> list[str]:
     return ["training.max_steps=1000000000", f"training.max_minutes={budget['minutes']}"]
 
 
-def run_arm(spec: StudySpec, arm: Arm, seed: int, start: Path, data: list[str],
-            n_val: int) -> dict:
-    from coordexp.train.loop import train
-
+def arm_config(spec: StudySpec, arm: Arm, seed: int, start: Path, data: list[str],
+               n_val: int):
+    """The arm's config with what the study owns: start, seed, budget, data, place, final eval."""
     cfg = load_config(arm.config, [*arm.overrides, *data, *budget_overrides(spec.budget),
                                    quoted("model.path", start), 'model.init_tiny=""',
                                    f"training.seed={seed}",
                                    quoted("training.output_dir", spec.output_dir / arm.name),
-                                   f"training.run_name=seed{seed}",
+                                   f"training.run_name=seed{seed}", "training.eval_at_end=true",
+                                   "monitor_dump.enabled=true",
                                    f"monitor_dump.max_samples={n_val}"])
-    run_dir = train(cfg)
-    return arm_result(run_dir, arm.name, seed)
+    t = cfg.training
+    if "minutes" in spec.budget and (t.warmup_ratio != 0 or t.min_lr_ratio != 1):
+        raise UserError(f"arm '{arm.name}': a minutes budget needs a constant learning rate "
+                        "(training.warmup_ratio: 0, training.min_lr_ratio: 1), since its step "
+                        "count is not known in advance; or use budget: {steps: N}")
+    return cfg
 
 
 def arm_result(run_dir: Path, arm: str, seed: int) -> dict:
@@ -226,13 +231,16 @@ def pin_spec(spec_path: Path, spec: StudySpec) -> None:
 def run_study(spec_path: str | Path, output_dir: str = "") -> list[dict]:
     """Every (arm, seed) not yet finished, then the table and the comparison report."""
     from coordexp.data.records import read_records
+    from coordexp.train.loop import train
 
     spec = load_spec(spec_path, output_dir)
     pin_spec(Path(spec_path), spec)
     train_path, val_path = prepare_data(spec)
     data = [quoted("data.train", train_path), quoted("data.val", val_path)]
-    start = start_checkpoint(spec, data)
     n_val = len(read_records(val_path))
+    for arm in spec.arms:  # every arm's config errors before any training
+        arm_config(spec, arm, spec.seeds[0], spec.output_dir / "start", data, n_val)
+    start = start_checkpoint(spec, data)
     results = []
     for seed in spec.seeds:  # seed-major: a stopped study holds complete pairs
         for arm in spec.arms:
@@ -240,7 +248,8 @@ def run_study(spec_path: str | Path, output_dir: str = "") -> list[dict]:
             result = finished(run_dir)
             if result is None:
                 print(f"[study] arm {arm.name}, seed {seed}, from {start}")
-                result = run_arm(spec, arm, seed, start, data, n_val)
+                run_dir = train(arm_config(spec, arm, seed, start, data, n_val))
+                result = arm_result(run_dir, arm.name, seed)
                 (run_dir / "result.json").write_text(json.dumps(result, indent=1))
             results.append(result)
     return results
