@@ -33,6 +33,13 @@ def test_paired_differences_and_intervals_equal_a_hand_computation():
     assert (x["low"], x["high"]) == pytest.approx((0.0, 0.2))
     assert math.isnan(c["diff"]) and math.isnan(c["low"])  # the control against itself
     assert math.isnan(rows["mAP", "x"]["mean"])  # a metric no run logged is n/a, not 0
+    for r in results:
+        r |= {"step": 10, "train_minutes": 0.5}
+    table = study.format_study_table(list(rows.values()), results, ["c", "x"], "c")
+    assert "| AP50 | x | 3 | 0.700 | 0.173 | +0.100 | [+0.000, +0.200] |" in table
+    assert "| AP50 | c | 3 | 0.600 | 0.100 | n/a | n/a |" in table
+    assert "| mAP | x | 3 | n/a | n/a | n/a | n/a |" in table
+    assert "| x | 3 | 10 | 0.50 |" in table
 
 
 def test_paired_difference_edge_cases_and_the_normal_approximation():
