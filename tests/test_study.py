@@ -143,6 +143,9 @@ def test_spec_errors_name_the_key(tmp_path, synth_dir, capsys):
     assert "'budget' must be" in capsys.readouterr().err
     assert main(["study", str(write_spec(tmp_path, synth_dir, extra_key=1))]) == 2
     assert "unknown keys ['extra_key']" in capsys.readouterr().err
+    start_arm = {"arms": {"start": {"config": "x.yaml"}}, "control": "start"}
+    assert main(["study", str(write_spec(tmp_path, synth_dir, **start_arm))]) == 2
+    assert "arm name 'start' must be" in capsys.readouterr().err
     # a time budget with a warm-up or decaying schedule: refused before anything trains
     warm = {"arms": {"control": {"config": str(RECIPE / "stage1.yaml")}}}
     spec = write_spec(tmp_path, synth_dir, budget={"minutes": 1}, **warm)

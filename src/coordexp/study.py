@@ -28,6 +28,7 @@ START_OWNED = ("training.output_dir", "training.run_name", "data.train", "data.v
 ARM_OWNED = START_OWNED + ("model.path", "model.init_tiny", "training.seed", "training.max_steps",
                            "training.max_minutes", "training.eval_at_end", "monitor_dump.enabled",
                            "monitor_dump.max_samples")
+RESERVED = ("data", "start", "compare")  # folders of the study directory itself
 SPEC_KEYS = {"output_dir", "data", "start", "budget", "seeds", "control", "arms"}
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -110,8 +111,9 @@ def _load_arms(arms, path: Path) -> tuple[Arm, ...]:
     _need(isinstance(arms, dict) and arms, path, "'arms' must map arm names to {config, overrides}")
     parsed = []
     for name, arm in arms.items():
-        _need(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None, path,
-              f"arm name {name!r} must be letters, digits, '_', '-' or '.' (it names a folder)")
+        _need(isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None
+              and name not in RESERVED, path, f"arm name {name!r} must be letters, digits, "
+              f"'_', '-' or '.' (it names a folder), and none of {RESERVED}")
         _need(isinstance(arm, dict) and "config" in arm and set(arm) <= {"config", "overrides"},
               path, f"arm '{name}' must be {{config: YAML, overrides: [...]}}")
         parsed.append(Arm(name, path.resolve().parent / arm["config"],
@@ -218,14 +220,15 @@ def near_dup_share(dump: dict) -> float:
 
 
 def pin_spec(spec_path: Path, spec: StudySpec) -> None:
-    """A study directory belongs to one spec: resuming with another one is an error."""
-    text = Path(spec_path).read_text(encoding="utf-8")
+    """A study directory belongs to one spec (as resolved, `extends` included): resuming with
+    another one is an error."""
+    resolved = read_yaml(Path(spec_path))
     pinned = spec.output_dir / "spec.yaml"
-    if pinned.is_file() and yaml.safe_load(pinned.read_text()) != yaml.safe_load(text):
+    if pinned.is_file() and yaml.safe_load(pinned.read_text()) != resolved:
         raise UserError(f"{spec.output_dir} holds a study with another spec ({pinned}); "
                         "pass another output_dir")
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    pinned.write_text(text, encoding="utf-8")
+    pinned.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
 
 def run_study(spec_path: str | Path, output_dir: str = "") -> list[dict]:
