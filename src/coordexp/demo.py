@@ -26,7 +26,7 @@ N_TRAIN, N_VAL = 12000, 256  # 3000 overfit; 64 val images made AP50 jump betwee
 N_SELECT = 256  # model-selection images: another seed, never the reported N_VAL
 STAGE1_SHARE = 0.6  # of the training minutes; Stage 2 AB and the control get half the rest each
 
-RECIPE = Path(__file__).parent / "configs" / "demo"  # stage1.yaml, stage2_ab.yaml
+RECIPE = Path(__file__).parent / "configs" / "demo"  # stage1, stage2_ab, stage1_continued
 
 
 def _eval_rows(run_dir: Path) -> list[dict]:
