@@ -22,6 +22,12 @@ from coordexp.eval.coco_map import (
     coco_box_ap,
     semantic_available,
 )
+from coordexp.eval.duplicates import (
+    DUPLICATE_IOU,
+    GUARDED_KEYS,
+    duplicate_metrics,
+    guard_prediction,
+)
 from coordexp.eval.f1 import ImageMatch, f1_metrics, match_images
 from coordexp.eval.predictions import (
     PARSE_COUNTERS,
@@ -47,6 +53,7 @@ class EvalOptions:
     constant_score: float | None = None  # give every box this score (AP then follows order)
     desc_weight: float = 0.0  # fuse desc-token probability into scores parsed from raw_text
     field_order: str = "desc_first"
+    duplicate_iou: float = DUPLICATE_IOU  # near-duplicate pairs and the guarded view
 
     @classmethod
     def of(cls, **opts) -> EvalOptions:
@@ -63,6 +70,8 @@ class Evaluation:
     per_class: list[dict]
     per_image: list[dict]
     matches: list[ImageMatch]  # per GT record: its predictions' indices against its objects'
+    duplicates: dict = field(default_factory=dict)  # dup_* statistics (eval.duplicates)
+    guarded: dict = field(default_factory=dict)  # GUARDED_KEYS with duplicate clusters suppressed
 
 
 def evaluate_records(gt_records: list[Record], pred_records: list[dict], **opts) -> dict:
@@ -89,8 +98,9 @@ def _evaluate_lines(gt_records: list[Record], lines: list[tuple[object, str]],
 
 
 def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None],
-                         opts: EvalOptions) -> Evaluation:
-    """Evaluate predictions aligned with the GT records (None: no prediction for it)."""
+                         opts: EvalOptions, *, guard: bool = True) -> Evaluation:
+    """Evaluate predictions aligned with the GT records (None: no prediction for it); with
+    guard, also the duplicate statistics and the metrics of the guarded view."""
     categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
     if semantic and not semantic_available():
@@ -108,7 +118,14 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(preds, pred_dets, mapper, categories)
-    return Evaluation(metrics, counters, per_class, per_image, matches)
+    ev = Evaluation(metrics, counters, per_class, per_image, matches)
+    if guard:
+        ev.duplicates = duplicate_metrics(preds, opts.duplicate_iou)
+        guarded = [guard_prediction(p, opts.duplicate_iou) if p is not None else None
+                   for p in preds]
+        g = evaluate_predictions(gt_records, guarded, opts, guard=False).metrics
+        ev.guarded = {k: g[k] for k in GUARDED_KEYS}
+    return ev
 
 
 def _gt_detections(r: Record, mapper: DescMapper) -> Detections:
@@ -189,14 +206,16 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, value in (("metrics", ev.metrics), ("counters", ev.counters),
-                        ("per_class", ev.per_class), ("per_image", ev.per_image)):
+                        ("per_class", ev.per_class), ("per_image", ev.per_image),
+                        ("duplicates", ev.duplicates | {"guarded": ev.guarded})):
         (out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
     with (out / "per_class.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, ["category", "gt_objects", "pred_objects", "AP", "AP50", "AP75"])
         writer.writeheader()
         writer.writerows(ev.per_class)
     print(format_table(ev))
-    print(f"wrote {out}/metrics.json, counters.json, per_class.json/.csv, per_image.json")
+    print(f"wrote {out}/metrics.json, counters.json, per_class.json/.csv, per_image.json, "
+          "duplicates.json")
     return 0
 
 
@@ -216,6 +235,8 @@ def format_table(ev: Evaluation) -> str:
         f"parse: invalid_rollout {c['parse_invalid_rollout']}  truncated {c['parse_truncated']}"
         f"  dropped_invalid {c['parse_dropped_invalid']}"
         f" (ambiguous {c['parse_dropped_ambiguous']})",
+        "duplicates: " + "  ".join(f"{k} {_show(v)}" for k, v in ev.duplicates.items()),
+        "guarded: " + "  ".join(f"{k} {_show(v)}" for k, v in ev.guarded.items()),
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
         f"  images_without_pred_record {c['images_without_pred_record']}",
