@@ -23,7 +23,7 @@ from coordexp.eval.duplicates import (
 )
 from coordexp.eval.predictions import PARSE_COUNTERS, Prediction
 from coordexp.grammar import decode_pieces, token_table
-from coordexp.lmhead import LogitsHead, Rows
+from coordexp.lmhead import HiddenHead, LogitsHead, Rows, vocab_logsumexp
 from coordexp.model.qwen_vl import build_image_processor, build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.rollout import Rollout
@@ -93,7 +93,7 @@ CASES = {
     # the last complete object before truncation: the clean answer closes the array there
     "last_before_truncation": (f'{{"objects": [{A}, {C}, {B}, {A_DUP}, {{"desc": "gr',
                                f'{{"objects": [{A}, {C}, {B}, {{"desc": "gr', 1,
-                               [("]}", HEAD_A)]),
+                               [("]}", ', {"')]),  # continuing where it should close
     # two duplicates at one junction depart at the same token: one event
     "two_duplicates_together": (f'{{"objects": [{A}, {A_DUP}, {A_DUP2}, {C}, {B}]}}',
                                 f'{{"objects": [{A}, {C}, {B}]}}', 2, [(HEAD_C, HEAD_A)]),
@@ -102,7 +102,7 @@ CASES = {
                              [(HEAD_C, HEAD_A), (HEAD_B, HEAD_A)]),
     # a duplicate whose missed objects are appended after it
     "last_with_missed_objects": (f'{{"objects": [{A}, {A_DUP}]}}', f'{{"objects": [{A}]}}', 1,
-                                 [(", {\"", HEAD_A[2:])]),
+                                 [('green diamond", "bbox_2d": [', 'red circle", "bbox_2d": [')]),
 }
 
 
@@ -140,8 +140,8 @@ def test_divergence_positions_are_exact(record, collator):
 
 
 def test_masks_of_the_clean_answer_are_exact(record, collator):
-    """Every matched object's struct tokens get CE, its coord slots the GT bins, nothing else
-    in the prefix is supervised; the closure is."""
+    """Every matched object's struct tokens get CE and its coord slots the GT bins; the
+    closure is supervised; the removed duplicate's tokens are gone."""
     tok = collator.tokenizer
     target = build_target(rollout_of(f'{{"objects": [{A}, {C}, {A_DUP}, {B}]}}', tok), record,
                           collator, config(1.0))
@@ -153,9 +153,11 @@ def test_masks_of_the_clean_answer_are_exact(record, collator):
     assert [b for _, b in coords] == GT["A"][1] + GT["C"][1] + GT["B"][1]
     text_types = [t for t, p in zip(target.types, pieces, strict=True)
                   if CODEC.parse_token(p) is None]
-    # the container+A header merges the container opening (unsupervised) with A's desc
-    assert text_types[0] == 0
-    assert set(text_types[1:]) == {STRUCT}
+    # per object: its header (merged with the previous `]}, ` and holding its desc) is not
+    # supervised, the 3 `, ` between its slots are; then the closure and end of turn
+    assert text_types[:12] == [0, STRUCT, STRUCT, STRUCT] * 3
+    assert set(text_types[12:]) == {STRUCT} and len(text_types) > 13
+    assert {w for w, t in zip(target.weights, target.types, strict=True) if t == STRUCT} == {1.0}
 
 
 def test_far_copies_stay_false_positives(record, collator):
@@ -188,16 +190,18 @@ def test_unlikelihood_value_and_gradient_match_a_hand_computation():
     value = unlikelihood(head, at, tokens, head.vocab_lse(at))
     value.backward()
     rows = logits.detach()[at.b, at.t - 1]  # [U, V]: the rows before each position
-    p = torch.softmax(rows, -1)[torch.arange(3), tokens]  # [U]
-    expected = -torch.log(1 - p).mean()
-    torch.testing.assert_close(value, expected, rtol=1e-9, atol=0)
+    onehot = torch.nn.functional.one_hot(tokens, 7).bool()
+    # 1 - p_u = sum_{v != u} e^z_v / sum_v e^z_v, so -log(1 - p_u) = lse(z) - lse(z without u)
+    per_row = rows.logsumexp(-1) - rows.masked_fill(onehot, -torch.inf).logsumexp(-1)
+    torch.testing.assert_close(value.double(), per_row.mean(), rtol=1e-6, atol=0)
     # dL/dz_v = p_u (delta_uv - p_v) / (1 - p_u) / U at each row
     probs = torch.softmax(rows, -1)
-    onehot = torch.nn.functional.one_hot(tokens, 7).double()
-    grad_rows = p[:, None] * (onehot - probs) / (1 - p)[:, None] / 3
+    p, one_minus_p = probs[torch.arange(3), tokens], torch.exp(-per_row)
+    delta = torch.where(onehot, one_minus_p[:, None], -probs)  # 1 - p_u without cancelling
+    grad_rows = p[:, None] * delta / one_minus_p[:, None] / 3
     expected_grad = torch.zeros_like(logits)
     expected_grad[at.b, at.t - 1] = grad_rows
-    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-6, atol=1e-9)
     assert torch.isfinite(value)
 
 
@@ -322,3 +326,22 @@ def test_crowded_scenes_hold_shelves_of_one_class():
             x1, y1, x2, y2 = o.box_px
             assert 0 <= x1 < x2 < CROWDED.image_size and 0 <= y1 < y2 < CROWDED.image_size
     assert shelves >= 12  # crowded_share 0.8 of 20 scenes, give or take the draw
+
+
+def test_chunked_lse_without_a_token_matches_the_full_logits():
+    """HiddenHead's chunked sum leaves each row's token out exactly as a masked full row does,
+    in value and gradient, whichever chunk the token falls in."""
+    torch.manual_seed(1)
+    hidden = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    at, tokens = Rows(torch.zeros(4, dtype=torch.long), torch.tensor([1, 2, 3, 4])), \
+        torch.tensor([0, 5, 36, 17])
+    got = vocab_logsumexp(HiddenHead(hidden, weight, torch.arange(3)).rows(at), weight,
+                                 chunk_size=5, exclude=tokens)
+    full = LogitsHead(hidden @ weight.T, torch.arange(3))
+    want = full.vocab_lse_without(at, tokens)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    g1 = torch.autograd.grad(got.sum(), (hidden, weight))
+    g2 = torch.autograd.grad(want.sum(), (hidden, weight))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)

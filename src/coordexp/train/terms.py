@@ -95,14 +95,12 @@ def text_ce(head: Head, batch: Batch, at: Rows, lse: Tensor) -> Tensor:
 
 
 def unlikelihood(head: Head, at: Rows, tokens: Tensor, lse: Tensor) -> Tensor:
-    """Mean -log(1 - p(token)) at rows [U] (0 without rows); lse: their full-vocabulary lse."""
+    """Mean -log(1 - p(token)) at rows [U] (0 without rows); lse: their full-vocabulary lse.
+    1 - p is the probability of every other token, so -log(1 - p) = lse - lse without the
+    token: exact even where p rounds to 1 in float32."""
     if len(at) == 0:
         return lse.new_zeros(())
-    log_p = head.label_logits(at, tokens) - lse  # [U], < 0
-    # log(1 - e^x) two ways, each where it is accurate (x near 0 / x very negative)
-    log_1mp = torch.where(log_p > -0.6931, torch.log(-torch.expm1(log_p)),
-                          torch.log1p(-torch.exp(log_p)))
-    return -log_1mp.mean()
+    return (lse - head.vocab_lse_without(at, tokens)).mean()
 
 
 def coord_terms(coord_logits: Tensor, vocab_lse: Tensor, target_bins: Tensor, *, sigma: float,
