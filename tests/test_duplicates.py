@@ -173,7 +173,8 @@ def test_weight_zero_keeps_the_prefix_as_generated(record, collator):
     rollout = rollout_of(text, collator.tokenizer)
     target = build_target(rollout, record, collator, config(0.0))
     assert target.text == text and target.unlikely == []
-    assert target.ids[:-1] == rollout.token_ids  # every generated token, then the end of turn
+    # every generated token up to the closing `]}]}`, which the cut after B's `}` splits
+    assert target.ids[:len(rollout.token_ids) - 1] == rollout.token_ids[:-1]
     dup = rollout.pieces.index(CODEC.token(101))
     assert target.types[dup] == 0  # the duplicate is an ordinary neutral false positive
     assert target.counts["duplicates_removed"] == 0
@@ -251,7 +252,7 @@ def test_weighted_unlikelihood_enters_the_loss_once(model, record, collator, mon
     assert finalize_stats(one.stats)["rollout/duplicates_removed"] == 1
     assert finalize_stats(base.stats)["rollout/duplicates_removed"] == 0
     # the clean answer differs from the weight-0 one, so compare weight 3 with weight 1
-    assert (three.loss - one.loss).item() == pytest.approx(2 * ul, rel=1e-4)
+    assert (three.loss - one.loss).item() == pytest.approx(2 * ul, abs=1e-5)  # float32 loss
 
 
 # -- duplicate statistics and the guarded view --------------------------------------------------
