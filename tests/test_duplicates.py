@@ -26,6 +26,7 @@ from coordexp.grammar import decode_pieces, token_table
 from coordexp.lmhead import HiddenHead, LogitsHead, Rows, vocab_logsumexp
 from coordexp.model.qwen_vl import build_image_processor, build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
+from coordexp.report.analysis import duplicate_table
 from coordexp.rollout import Rollout
 from coordexp.train import stage2
 from coordexp.train.channel_b import Unlikely, build_target
@@ -346,3 +347,13 @@ def test_chunked_lse_without_a_token_matches_the_full_logits():
     g2 = torch.autograd.grad(want.sum(), (hidden, weight))
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_report_tabulates_duplicates_of_the_eval_steps_that_logged_them():
+    rows = [{"step": 10, "kind": "eval", "rollout/f1": 0.5},
+            {"step": 20, "kind": "eval", "rollout/f1": 0.6, "rollout/dup_share": 0.25,
+             "rollout/guarded/f1": 0.7, "rollout/dup_max_cluster_size": 3.0}]
+    (row,) = duplicate_table(rows)
+    assert row["step"] == 20 and row["rollout/dup_share"] == 0.25
+    assert row["rollout/guarded/f1"] == 0.7 and row["rollout/dup_max_cluster_size"] == 3
+    assert row["rollout/guarded/AP50"] is None  # not logged: shown as missing, not zero

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-new-tokens", type=_positive_int, default=256)
     i.add_argument("--constrained", action="store_true",
                    help="CoordJSON grammar: coord slots emit only coord tokens")
+    i.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty (rollout.repetition_penalty): divides the "
+                        "logit of every token already in the sequence, prompt, JSON "
+                        "punctuation and coord tokens included (1.0 = off)")
     i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="the object field order the model was trained with (data.field_order)")
     i.set_defaults(run=_cmd_infer)
@@ -206,7 +210,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens, constrained=args.constrained,
-                         field_order=args.field_order)
+                         field_order=args.field_order,
+                         repetition_penalty=args.repetition_penalty)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

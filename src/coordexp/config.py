@@ -119,6 +119,9 @@ class RolloutConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # HF RepetitionPenaltyLogitsProcessor: every token id already in the sequence (the prompt,
+    # JSON punctuation and coord tokens included) has its logit divided (if > 0) or multiplied
+    # (if < 0) by this; 1.0 = off. It cannot tell a repeated object from a repeated `", "`.
     repetition_penalty: float = 1.0
     constrained: bool = False  # CoordJSON grammar: coord slots emit only coord tokens
 

@@ -42,9 +42,11 @@ def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[flo
 
 def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | Path, *,
                   batch_size: int, max_new_tokens: int, constrained: bool,
-                  field_order: str = "desc_first") -> int:
+                  field_order: str = "desc_first", repetition_penalty: float = 1.0) -> int:
     """`coordexp infer`: rollouts on every record -> predictions JSONL (written atomically).
     `field_order` must be the one the model was trained with: the grammar and parser use it."""
+    if repetition_penalty <= 0:
+        raise UserError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size} and "
                         f"{max_new_tokens}")
@@ -52,7 +54,8 @@ def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | 
     model, processor, _ = load_vlm(model_dir)
     cfg = Config(data=DataConfig(field_order=field_order),
                  rollout=RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       constrained=constrained))
+                                       constrained=constrained,
+                                       repetition_penalty=repetition_penalty))
     preds = predict_records(model, processor, records, cfg)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
