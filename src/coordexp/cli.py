@@ -88,21 +88,58 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dst", required=True)
     a.set_defaults(run=_cmd_add_coord_tokens)
 
-    i = sub.add_parser("infer", help="rollouts on records -> predictions JSONL with scores")
-    i.add_argument("--model", required=True, help="model directory")
-    i.add_argument("--data", required=True, help="records JSONL (objects are ignored)")
+    i = sub.add_parser("infer", help="images or records -> predictions JSONL (boxes, labels, "
+                                     "scores); resumable, and sharded under torchrun")
+    i.add_argument("--model", required=True,
+                   help="model directory, training checkpoint, or run directory (its latest)")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="records JSONL (objects are ignored)")
+    src.add_argument("--images", help="folder of images, or a glob such as 'photos/**/*.jpg'")
     i.add_argument("--out", required=True, help="predictions JSONL to write")
-    i.add_argument("--batch-size", type=_positive_int, default=16)
-    i.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    i.add_argument("--constrained", action="store_true",
-                   help="CoordJSON grammar: coord slots emit only coord tokens")
+    i.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    i.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
+    i.add_argument("--attn", default="sdpa",
+                   help="attention: sdpa | flash_attention_2 (needs flash-attn) | eager")
+    i.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images per generate call (batched by similar size)")
+    i.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="answer budget per image (default 3084, the seed's evaluation budget); "
+                        "answers cut by it are counted and reported")
     i.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="HF repetition penalty (rollout.repetition_penalty): divides the "
                         "logit of every token already in the sequence, prompt, JSON "
                         "punctuation and coord tokens included (1.0 = off)")
+    i.add_argument("--constrained", action="store_true",
+                   help="CoordJSON grammar: coord slots emit only coord tokens")
     i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="the object field order the model was trained with (data.field_order)")
+    i.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run on the same --out (skips lines written)")
     i.set_defaults(run=_cmd_infer)
+
+    ex = sub.add_parser("export", help="convert predictions to other formats")
+    exs = ex.add_subparsers(dest="export_cmd", required=True, parser_class=_Parser)
+    cr = exs.add_parser("coco-results", help="predictions JSONL -> COCO results JSON")
+    cr.add_argument("--pred", required=True, help="predictions JSONL")
+    cr.add_argument("--gt", required=True, help="COCO instances JSON (images matched by file name)")
+    cr.add_argument("--out", required=True, help="results JSON to write")
+    cr.add_argument("--semantic", action="store_true",
+                    help="map a label that is no category name to the nearest one with the "
+                         "sentence encoder (as `coordexp eval --semantic on`)")
+    cr.set_defaults(run=_cmd_export_coco)
+
+    v = sub.add_parser("visualize", help="draw predicted (and GT) boxes + an index.html gallery")
+    v.add_argument("--pred", required=True, help="predictions JSONL")
+    v.add_argument("--gt", default=None, help="ground-truth records JSONL (drawn dashed; the "
+                                               "gallery is then sorted worst F1 first)")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--image-root", default=None,
+                   help="folder the image paths are relative to (default: the --gt file's "
+                        "folder, else the --pred file's)")
+    v.add_argument("--min-score", type=_unit_interval, default=0.0,
+                   help="draw only predicted boxes with at least this score")
+    v.set_defaults(run=_cmd_visualize)
 
     tr = sub.add_parser("train", help="Stage 1 or Stage 2 AB, as the config says")
     tr.add_argument("config", help="YAML config (may `extends:` others)")
@@ -206,12 +243,27 @@ def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from coordexp.predict import infer_command
+    from coordexp.infer import InferOptions, infer_command
 
-    return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, constrained=args.constrained,
-                         field_order=args.field_order,
-                         repetition_penalty=args.repetition_penalty)
+    budget = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    opts = InferOptions(device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                        batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
+                        constrained=args.constrained, field_order=args.field_order,
+                        resume=args.resume, **budget)
+    return infer_command(args.model, args.out, data=args.data, images=args.images, opts=opts)
+
+
+def _cmd_export_coco(args: argparse.Namespace) -> int:
+    from coordexp.export import export_coco_results
+
+    return export_coco_results(args.pred, args.gt, args.out, semantic=args.semantic)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from coordexp.visualize import visualize_command
+
+    return visualize_command(args.pred, args.out, gt=args.gt, image_root=args.image_root,
+                             min_score=args.min_score)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
