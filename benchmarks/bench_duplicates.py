@@ -84,11 +84,14 @@ def main() -> None:
     p.add_argument("--train", type=int, default=12000, help="training images")
     p.add_argument("--val", type=int, default=128, help="evaluation images")
     p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--stage1-run", default="",
+                   help="reuse this Stage-1 run directory (its last checkpoint and eval row) "
+                        "instead of training one")
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_dups_"))
     started = time.perf_counter()
     synthesize(out / "data", args.train, args.val, seed=0, spec=CROWDED)
-    run1 = stage1(out / "data", out, args)
+    run1 = Path(args.stage1_run) if args.stage1_run else stage1(out / "data", out, args)
     base = last_eval(run1)
     print(f"Stage 1: step {base['step']}, " + ", ".join(
         f"{k.removeprefix('rollout/')} {base[k]:.4f}" for k in KEYS))
