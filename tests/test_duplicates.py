@@ -357,3 +357,26 @@ def test_report_tabulates_duplicates_of_the_eval_steps_that_logged_them():
     assert row["step"] == 20 and row["rollout/dup_share"] == 0.25
     assert row["rollout/guarded/f1"] == 0.7 and row["rollout/dup_max_cluster_size"] == 3
     assert row["rollout/guarded/AP50"] is None  # not logged: shown as missing, not zero
+
+
+def test_random_rollouts_keep_the_clean_answer_consistent(record, collator):
+    """Shuffled objects, copies near and far, truncations: the answer decodes to its text,
+    removed copies are gone from it, and every event penalises a token other than the one
+    the clean answer has there."""
+    import random
+
+    rng = random.Random(0)
+    tok = collator.tokenizer
+    pool = [A, B, C, A_DUP, A_DUP2, A_FAR, obj("blue square", [301, 300, 400, 401])]
+    for _ in range(25):
+        objects = rng.sample(pool, rng.randint(1, len(pool)))
+        text = '{"objects": [' + ", ".join(objects) + "]}"
+        text = text[: rng.randint(len(text) // 2, len(text))]
+        target = build_target(rollout_of(text, tok), record, collator, config(1.0))
+        assert tok.decode(target.ids[:-1]) == target.text
+        assert len(target.types) == len(target.ids) == len(target.target_bins)
+        kept = target.text.count('"desc"')
+        assert kept == target.counts["pred"] - target.counts["duplicates_removed"] + \
+            target.counts["fn_appended"]
+        for u in target.unlikely:
+            assert 0 < u.position < len(target.ids) and u.token != target.ids[u.position]
