@@ -25,6 +25,8 @@ def wrap(*objects):
 EDGE_CASES = {
     "two_valid": (wrap(obj("cat"), obj("dog")), "desc_first", ["cat", "dog"], {}, False, False),
     "empty_list": ('{"objects": []}', "desc_first", [], {}, False, False),
+    "desc_whitespace_stripped": (wrap(obj("  cat "), obj("dog\t"), obj(" traffic light")),
+                                 "desc_first", ["cat", "dog", "traffic light"], {}, False, False),
     "geometry_first_valid": (
         '{"objects": [{"bbox_2d": ' + BOX + ', "desc": "cat"}]}', "geometry_first",
         ["cat"], {}, False, False),

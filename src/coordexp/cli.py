@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from pathlib import Path
 
 from coordexp.data.render import FIELD_ORDERS
 from coordexp.data.synthetic import PRESETS
@@ -75,6 +77,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop (and count) images with more objects than this")
     c.add_argument("--keep-crowd", action="store_true", help="keep iscrowd annotations")
     c.set_defaults(run=_cmd_coco)
+
+    y = d.add_parser("yolo", help="Ultralytics YOLO dataset (data.yaml, images/, labels/) -> "
+                                  "records JSONL")
+    y.add_argument("--root", required=True, help="folder holding data.yaml, images/, labels/")
+    y.add_argument("--split", default="train", help="the images/<split>, labels/<split> folders")
+    y.add_argument("--out", required=True, help="output records JSONL")
+    y.set_defaults(run=_cmd_yolo)
+
+    v = d.add_parser("voc", help="Pascal VOC (Annotations/*.xml, JPEGImages/) -> records JSONL")
+    v.add_argument("--root", required=True, help="folder holding Annotations/ and JPEGImages/")
+    v.add_argument("--image-set", default="",
+                   help="convert only the ids in ImageSets/Main/<name>.txt (default: every xml)")
+    v.add_argument("--difficult", choices=("keep", "drop"), default="keep",
+                   help="keep 'difficult' objects flagged, or drop (and count) them")
+    v.add_argument("--out", required=True, help="output records JSONL")
+    v.set_defaults(run=_cmd_voc)
+
+    o = d.add_parser("odvg", help="ODVG detection / grounding JSONL -> records JSONL")
+    o.add_argument("--input", required=True, help="ODVG JSONL")
+    o.add_argument("--images", required=True, help="folder the filename entries are relative to")
+    o.add_argument("--label-map", default="",
+                   help="JSON {\"0\": name, ...} for instances that give only a 'label'")
+    o.add_argument("--out", required=True, help="output records JSONL")
+    o.set_defaults(run=_cmd_odvg)
+
+    lv = d.add_parser("lvis", help="LVIS instances JSON -> records JSONL (with federated labels)")
+    lv.add_argument("--instances", required=True, help="lvis_v1_*.json")
+    lv.add_argument("--images", required=True,
+                    help="folder of file_name entries, or the COCO root holding train2017/ and "
+                         "val2017/ that coco_url entries point into")
+    lv.add_argument("--out", required=True, help="output records JSONL")
+    lv.add_argument("--max-objects", type=_positive_int, default=60,
+                    help="drop (and count) images with more objects than this")
+    lv.set_defaults(run=_cmd_lvis)
+
+    tc = d.add_parser("to-coco", help="records JSONL -> COCO instances JSON (for any scorer)")
+    tc.add_argument("--records", required=True, help="records JSONL")
+    tc.add_argument("--out", required=True, help="output instances JSON")
+    tc.set_defaults(run=_cmd_to_coco)
 
     model = sub.add_parser("model", help="build or prepare models")
     m = model.add_subparsers(dest="model_cmd", required=True)
@@ -201,16 +242,76 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_coco(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from coordexp.data.coco import coco_to_records, load_json
-    from coordexp.data.records import write_records
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _out_path(args.out)
     records, skipped = coco_to_records(load_json(args.instances), Path(args.images), out.parent,
                                        max_objects=args.max_objects, keep_crowd=args.keep_crowd,
                                        source=args.instances)
+    return _write_converted(out, records, skipped)
+
+
+def _cmd_yolo(args: argparse.Namespace) -> int:
+    from coordexp.data.yolo import yolo_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *yolo_to_records(Path(args.root), args.split, out.parent))
+
+
+def _cmd_voc(args: argparse.Namespace) -> int:
+    from coordexp.data.voc import voc_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *voc_to_records(Path(args.root), out.parent,
+                                                 difficult=args.difficult,
+                                                 image_set=args.image_set))
+
+
+def _cmd_odvg(args: argparse.Namespace) -> int:
+    from coordexp.data.odvg import odvg_to_records, read_label_map
+
+    out = _out_path(args.out)
+    label_map = read_label_map(Path(args.label_map)) if args.label_map else None
+    return _write_converted(out, *odvg_to_records(Path(args.input), Path(args.images),
+                                                  out.parent, label_map=label_map))
+
+
+def _cmd_lvis(args: argparse.Namespace) -> int:
+    from coordexp.data.coco import load_json
+    from coordexp.data.lvis import lvis_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *lvis_to_records(load_json(args.instances), Path(args.images),
+                                                  out.parent, max_objects=args.max_objects,
+                                                  source=args.instances))
+
+
+def _cmd_to_coco(args: argparse.Namespace) -> int:
+    import json
+
+    from coordexp.data.coco import records_to_coco
+    from coordexp.data.records import read_records
+
+    records = read_records(args.records, check_images=False)
+    coco = records_to_coco(records)
+    out = _out_path(args.out)
+    out.write_text(json.dumps(coco, ensure_ascii=False), encoding="utf-8")
+    print(f"wrote {len(coco['images'])} images, {len(coco['annotations'])} boxes and "
+          f"{len(coco['categories'])} categories to {out} (file_name is relative to "
+          f"{Path(args.records).parent})")
+    return 0
+
+
+def _out_path(text: str) -> Path:
+    out = Path(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_converted(out: Path, records: list, skipped: Counter) -> int:
+    """Write converted records; print how many, and what was skipped and why."""
+    from coordexp.data.records import write_records
+
     write_records(out, records)
     notes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(skipped.items()))
     print(f"wrote {len(records)} records to {out}" + (f"; skipped {notes}" if notes else ""))

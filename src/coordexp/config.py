@@ -21,7 +21,7 @@ from coordexp.matching import MatchConfig
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # an HF model directory with the coord tokens (see `coordexp model ...`)
+    path: str = ""  # an HF model directory with the coord tokens, or a hub id in the HF cache
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
     max_pixels: int = 448 * 448
@@ -59,6 +59,7 @@ class TrainingConfig:
     save_total_limit: int = 2
     metric_for_best: str = "rollout/mAP"
     eval_at_end: bool = True
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb; logging.jsonl always
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class Config:
         return t.effective_batch_size // (t.per_device_batch_size * world_size)
 
 
+REPORTERS = ("tensorboard", "wandb")  # training.report_to
 CHOICES = {
     "training.stage": ("stage1", "stage2_ab"),
     "training.mixed_precision": ("no", "bf16", "fp16"),
@@ -178,6 +180,11 @@ def _coerce(value, tp, key: str):
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if origin is tuple:  # tuple[X, ...], written as a YAML list
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key '{key}' must be a list, e.g. [a, b]; got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]")
+                     for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -297,6 +304,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if not 0.0 < s.duplicate_iou <= 1.0 or s.duplicate_ul_weight < 0:
         raise UserError("'stage2_ab.duplicate_iou' must be in (0, 1] and "
                         "'stage2_ab.duplicate_ul_weight' >= 0")
+    if not set(t.report_to) <= set(REPORTERS) or len(set(t.report_to)) < len(t.report_to):
+        raise UserError(f"'training.report_to' lists each of {', '.join(REPORTERS)} at most "
+                        f"once, got {list(t.report_to)}")
     c = cfg.coord_soft_ce_w1
     if c.temperature <= 0 or c.target_sigma <= 0 or s.softctx_temperature <= 0:
         raise UserError("temperatures and 'coord_soft_ce_w1.target_sigma' must be > 0")
@@ -325,4 +335,11 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain dicts and lists (YAML-safe: tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value

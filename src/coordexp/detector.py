@@ -24,7 +24,7 @@ from coordexp.data.collate import load_image
 from coordexp.data.records import Record
 from coordexp.errors import UserError
 from coordexp.eval.predictions import Prediction
-from coordexp.model.qwen_vl import load_vlm
+from coordexp.model.qwen_vl import load_vlm, resolve_model_dir
 from coordexp.predict import prediction
 from coordexp.rollout import generate_batch
 
@@ -173,9 +173,10 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "auto",
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model directory or a training checkpoint (plain or adapter), or a run directory: its
-    best checkpoint (by the eval metric) if that was kept, else its latest."""
-    path = Path(path)
+    """A model directory (or a hub id in the local cache) or a training checkpoint (plain or
+    adapter), or a run directory: its best checkpoint (by the eval metric) if that was kept,
+    else its latest."""
+    path = resolve_model_dir(path)
     if is_model_dir(path):
         return path
     if not (path / "checkpoints").is_dir():

@@ -169,6 +169,7 @@ def _keep_fast(m: re.Match, field_order: str, result: ParseResult) -> bool:
     bins = [_CODEC.parse_token(m.group(g)) for g in coord_groups]
     if desc is None or not desc.strip() or None in bins:
         return False
+    desc = desc.strip()  # "  cat " is the category "cat"; the span keeps the raw text
     ds, de = m.span(desc_group)
     spans = tuple(m.span(g) for g in coord_groups)
     result.objects.append({"desc": desc, "bbox_2d": bins})

@@ -3,6 +3,8 @@
 A record line: {"images": ["rel/path.png"], "width": W, "height": H,
                 "objects": [{"desc": str, "bbox_2d": [x1, y1, x2, y2]}, ...]}
 Boxes are pixels of that image; "<|coord_k|>" strings are accepted and converted to pixels.
+An object may carry "difficult": true (Pascal VOC's flag, kept for the record; trained and
+scored as any object). Any other object key is an error; other record keys are kept.
 """
 
 from __future__ import annotations
@@ -12,16 +14,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from coordexp.codec import CoordCodec
 from coordexp.errors import UserError
 
 REQUIRED_KEYS = ("images", "width", "height", "objects")
+OBJECT_KEYS = ("desc", "bbox_2d", "difficult")
 
 
 @dataclass(frozen=True)
 class DetObject:
     desc: str
     box_px: tuple[float, float, float, float]  # xyxy, pixels
+    difficult: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,8 @@ class Record:
         return self.root / self.image
 
     def to_json(self) -> dict:
-        objs = [{"desc": o.desc, "bbox_2d": [_num(v) for v in o.box_px]} for o in self.objects]
+        objs = [{"desc": o.desc, "bbox_2d": [_num(v) for v in o.box_px]}
+                | ({"difficult": True} if o.difficult else {}) for o in self.objects]
         return {"images": [self.image], "width": self.width, "height": self.height,
                 "objects": objs, **self.extra}
 
@@ -71,6 +78,12 @@ def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Reco
 def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> DetObject:
     if not isinstance(o, dict) or "desc" not in o or "bbox_2d" not in o:
         raise UserError(f"{where}: needs 'desc' and 'bbox_2d'")
+    unknown = [k for k in o if k not in OBJECT_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (an object holds 'desc', "
+                        "'bbox_2d' and optionally 'difficult'; other geometry is not supported)")
+    if not isinstance(o.get("difficult", False), bool):
+        raise UserError(f"{where}: 'difficult' must be true or false")
     desc = o["desc"]
     if not isinstance(desc, str) or not desc.strip():
         raise UserError(f"{where}: 'desc' must be a non-empty string")
@@ -91,7 +104,16 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
         raise UserError(
             f"{where}: box {box} is outside the {w}x{h} image or has x2<=x1 / y2<=y1"
         )
-    return DetObject(desc, (x1, y1, x2, y2))
+    return DetObject(desc, (x1, y1, x2, y2), o.get("difficult", False))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header; an unreadable file is a UserError."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[object, str]]:

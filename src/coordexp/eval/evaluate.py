@@ -29,6 +29,7 @@ from coordexp.eval.duplicates import (
     guard_prediction,
 )
 from coordexp.eval.f1 import ImageMatch, f1_metrics, match_images
+from coordexp.eval.lvis import count_unverified, federated_labels, federated_names
 from coordexp.eval.predictions import (
     PARSE_COUNTERS,
     Prediction,
@@ -101,7 +102,9 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
                          opts: EvalOptions, *, guard: bool = True) -> Evaluation:
     """Evaluate predictions aligned with the GT records (None: no prediction for it); with
     guard, also the duplicate statistics and the metrics of the guarded view."""
-    categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
+    lvis_names = federated_names(gt_records)  # None unless the GT carries LVIS labels
+    categories = list(dict.fromkeys([o.desc for r in gt_records for o in r.objects]
+                                    + (lvis_names or [])))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
     if semantic and not semantic_available():
         raise UserError("semantic desc mapping needs the sentence encoder: "
@@ -112,12 +115,15 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
     matches = match_images([p.boxes for p in pred_dets], [g.boxes for g in gt_dets], opts.match)
     per_image = [_image_row(r, g, p, pi, m) for r, g, p, pi, m in
                  zip(gt_records, gt_dets, pred_dets, preds, matches, strict=True)]
+    federated = None if lvis_names is None else federated_labels(gt_records, mapper.cache)
     stats, per_class = coco_box_ap(gt_dets, pred_dets, [(r.width, r.height) for r in gt_records],
-                                   categories)
+                                   categories, federated)
     merged = stats | f1_metrics(per_image)
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(preds, pred_dets, mapper, categories)
+    if federated is not None:
+        counters["lvis_unverified_ignored"] = count_unverified(pred_dets, gt_dets, federated)
     ev = Evaluation(metrics, counters, per_class, per_image, matches)
     if guard:
         ev.duplicates = duplicate_metrics(preds, opts.duplicate_iou)
@@ -240,7 +246,8 @@ def format_table(ev: Evaluation) -> str:
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
         f"  images_without_pred_record {c['images_without_pred_record']}",
-    ])
+    ] + ([f"lvis: federated AP; unverified_ignored {c['lvis_unverified_ignored']}"]
+         if "lvis_unverified_ignored" in c else []))
 
 
 def _show(v: float | int) -> str:

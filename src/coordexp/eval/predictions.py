@@ -187,6 +187,8 @@ def _object_problem(o: object, need_score: bool) -> str | None:
     if need_score and not _is_number(o.get("score")):
         return ("needs a finite number 'score' (AP ranks by it); to rank by emission order "
                 "instead, evaluate with constant_score=1.0")
+    if need_score and not 0.0 <= o["score"] <= 1.0:  # scores rank: a 1.2 is a caller's bug
+        return f"score {o['score']} is outside [0, 1]"
     return None
 
 

@@ -127,7 +127,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         state.__dict__.update(load_checkpoint(ckpt, model, optimizer, scheduler, order))
     if main:
         write_metadata(run_dir, cfg, world)
-    log = RunLog(run_dir, main, resume_step=state.step if resume else None)
+    log = RunLog(run_dir, main, resume_step=state.step if resume else None,
+                 report_to=t.report_to)
     evaluate = make_evaluator(cfg, model, processor, val_records, run_dir, log, main)
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not main)
