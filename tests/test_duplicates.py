@@ -2,6 +2,8 @@
 rollouts, the unlikelihood term against a hand computation, weight 0 as the plain Channel B,
 and the duplicate statistics and guarded view on hand-built predictions."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -380,3 +382,16 @@ def test_random_rollouts_keep_the_clean_answer_consistent(record, collator):
             target.counts["fn_appended"]
         for u in target.unlikely:
             assert 0 < u.position < len(target.ids) and u.token != target.ids[u.position]
+
+
+def test_packed_channel_b_penalises_the_same_tokens(model, record, collator, monkeypatch):
+    """training.packing=static: the unlikelihood events move with their samples' tokens."""
+    texts = [f'{{"objects": [{A}, {A_DUP}, {C}, {B}]}}', f'{{"objects": [{A}, {C}, {A_DUP}]}}']
+    padded, _ = step(model, collator, record, texts, config(1.0), monkeypatch)
+    cfg = config(1.0)
+    packed_cfg = dataclasses.replace(cfg, training=dataclasses.replace(
+        cfg.training, packing="static", packing_length=4096))
+    packed, _ = step(model, collator, record, texts, packed_cfg, monkeypatch)
+    assert packed.stats["loss/duplicate_ul"][1] == padded.stats["loss/duplicate_ul"][1] == 2
+    torch.testing.assert_close(packed.stats["loss/duplicate_ul"],
+                               padded.stats["loss/duplicate_ul"], rtol=1e-4, atol=1e-6)

@@ -321,6 +321,15 @@ def unlikely_rows(batch: Batch, targets: list[SampleTarget]) -> tuple[Rows, torc
     return Rows(events[:, 0], events[:, 1]), events[:, 2]
 
 
+def packed_rows(layout, at: Rows) -> Rows:
+    """Rows of a right-padded batch -> the same tokens' rows in its packed layout
+    (`coordexp.data.packing.Layout`: a sample keeps its offsets from its start)."""
+    rank = torch.empty_like(layout.order)
+    rank[layout.order] = torch.arange(len(layout.order), device=rank.device)
+    seg = layout.segments[rank[at.b]]  # [U, 3] (row, start, length)
+    return Rows(seg[:, 0], seg[:, 1] + at.t)
+
+
 def rollout_stats(targets: list[SampleTarget], seconds: float) -> dict[str, torch.Tensor]:
     """Channel-B rollout metrics as (sum, count) pairs; ratios form after aggregation."""
     n = {k: sum(t.counts[k] for t in targets) for k in targets[0].counts}

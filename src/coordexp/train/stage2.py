@@ -25,8 +25,15 @@ from coordexp.losses import weighted_mean
 from coordexp.model.adapter import hidden_states, lm_head_weight
 from coordexp.rollout import generate_rollouts
 from coordexp.train.channel_a import soft_context_forward
-from coordexp.train.channel_b import build_target, encode_targets, rollout_stats, unlikely_rows
+from coordexp.train.channel_b import (
+    build_target,
+    encode_targets,
+    packed_rows,
+    rollout_stats,
+    unlikely_rows,
+)
 from coordexp.train.schedule import is_channel_b, schedule_stats
+from coordexp.train.stage1 import pack_step_batch
 from coordexp.train.terms import (
     UNLIKELIHOOD,
     StepOutput,
@@ -48,6 +55,8 @@ def channel_a_step(model, batch: Batch, cfg: Config, coord_ids: Tensor) -> StepO
     """n soft self-context passes -> A1 token CE (+ the final pass's struct CE) -> coord, box
     and text-gate terms on the final pass -> the weighted total."""
     s, c = cfg.stage2_ab, cfg.coord_soft_ce_w1
+    if s.n_softctx_iter == 1:  # n > 1 keeps padded rows: its shared prefix starts at 0
+        batch, _ = pack_step_batch(model, batch, cfg)
     passes = soft_context_forward(model, batch, coord_ids, s)
     first, final = passes.first, passes.final
     self_context = final is not first  # n > 1 and there are coord slots to feed back
@@ -88,10 +97,13 @@ def channel_b_step(model, collator: Collator, records: list[Record], cfg: Config
                                                                        strict=True)]
     batch, weights = encode_targets(collator, records, targets)
     batch, weights = batch.to(coord_ids.device), weights.to(coord_ids.device)
+    ul_at, ul_tokens = unlikely_rows(batch, targets)  # in the padded layout
+    batch, layout = pack_step_batch(model, batch, cfg)
+    if layout is not None:
+        weights, ul_at = layout.pack(weights, 0.0), packed_rows(layout, ul_at)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
     text, is_struct = text_rows(batch)
     slots = slot_rows(batch)
-    ul_at, ul_tokens = unlikely_rows(batch, targets)
     ul_sets = [(head, ul_at)] if s.duplicate_ul_weight > 0 else []  # weight 0: today's step
     (text_lse, *ul_lse), slot_lse = step_lse([(head, text), *ul_sets], (head, slots),
                                              c.temperature)
