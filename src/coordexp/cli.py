@@ -188,10 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default="", help="checkpoint dir, or 'latest' in the run dir")
     tr.set_defaults(run=_cmd_train)
 
-    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
+    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, then Stage 2 AB and its "
+                        "equal-time control, eval, report")
     dm.add_argument("--out", default="demo_run", help="output folder")
     dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
     dm.set_defaults(run=_cmd_demo)
+
+    st = sub.add_parser("study", help="equal-budget arms from one checkpoint over seeds: a table "
+                        "of paired differences with bootstrap intervals against the control")
+    st.add_argument("spec", help="study YAML (see studies/seed_note.yaml)")
+    st.add_argument("--out", default="", help="study folder (default: the spec's output_dir)")
+    st.set_defaults(run=_cmd_study)
 
     rp = sub.add_parser("report", help="turn a run directory into report.md / report.html")
     rp.add_argument("run_dir", nargs="?", help="run directory")
@@ -377,6 +384,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from coordexp.demo import run_demo
 
     return run_demo(args.out, minutes=args.minutes)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from coordexp.study import study_command
+
+    return study_command(args.spec, output_dir=args.out)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
