@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from coordexp.data.render import FIELD_ORDERS
-from coordexp.data.synthetic import COLOURS, SHAPES
+from coordexp.data.synthetic import PRESETS
 from coordexp.errors import UserError
 from coordexp.model.tiny import FAMILIES
 
@@ -66,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=_positive_int, required=True, help="number of train images")
     s.add_argument("--val", type=_positive_int, required=True, help="number of val images")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=224, help="square image side in pixels")
-    s.add_argument("--min-objects", type=int, default=1)
-    s.add_argument("--max-objects", type=int, default=12)
-    s.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape kinds")
-    s.add_argument("--colours", default=",".join(COLOURS), help="comma-separated colours")
-    s.add_argument("--crowded-share", type=float, default=0.15,
-                   help="fraction of images with a crowded row of small same-class objects")
+    s.add_argument("--preset", choices=tuple(PRESETS), default="shapes",
+                   help="shapes: 1-12 shapes of 6 colours x 4 kinds, 224 px, 15%% crowded; "
+                        "crowded: 112 px, 80%% of images hold a shelf of 4-12 same-colour "
+                        "squares in 1-3 rows (the flags below override the preset)")
+    s.add_argument("--image-size", type=int, help="square image side in pixels")
+    s.add_argument("--min-objects", type=int)
+    s.add_argument("--max-objects", type=int)
+    s.add_argument("--shapes", help="comma-separated shape kinds")
+    s.add_argument("--colours", help="comma-separated colours")
+    s.add_argument("--crowded", "--crowded-share", dest="crowded_share", type=float,
+                   help="fraction of images with a crowded shelf of small same-class objects")
+    s.add_argument("--shelf-rows", type=int, help="most rows of a shelf (1-4)")
     s.set_defaults(run=_cmd_synth)
 
     c = d.add_parser("coco", help="COCO instances JSON -> records JSONL")
@@ -153,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="answer budget per image (default 3084, the seed's evaluation budget); "
                         "answers cut by it are counted and reported")
-    i.add_argument("--repetition-penalty", type=float, default=1.0)
+    i.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty (rollout.repetition_penalty): divides the "
+                        "logit of every token already in the sequence, prompt, JSON "
+                        "punctuation and coord tokens included (1.0 = off)")
     i.add_argument("--constrained", action="store_true",
                    help="CoordJSON grammar: coord slots emit only coord tokens")
     i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
@@ -239,13 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from coordexp.data.synthetic import SynthSpec, synthesize
+    import dataclasses
+
+    from coordexp.data.synthetic import synthesize
     from coordexp.files import check_output_dir
 
     check_output_dir(args.out, "--out")
-    spec = SynthSpec(image_size=args.image_size, min_objects=args.min_objects,
-                     max_objects=args.max_objects, shapes=tuple(args.shapes.split(",")),
-                     colours=tuple(args.colours.split(",")), crowded_share=args.crowded_share)
+
+    given = {k: getattr(args, k) for k in ("image_size", "min_objects", "max_objects",
+                                           "crowded_share", "shelf_rows")}
+    given |= {k: tuple(getattr(args, k).split(",")) for k in ("shapes", "colours")
+              if getattr(args, k) is not None}
+    spec = dataclasses.replace(PRESETS[args.preset],
+                               **{k: v for k, v in given.items() if v is not None})
     counts = synthesize(args.out, args.train, args.val, args.seed, spec)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
     return 0

@@ -111,6 +111,11 @@ class Stage2ABConfig:
     coord_ce_weight: float = 0.0
     coord_gate_weight: float = 0.0
     text_gate_weight: float = 0.0
+    # Channel B clean prefix: an unmatched prediction with a matched prediction's desc and
+    # IoU >= duplicate_iou with it, emitted after it, leaves the teacher-forced prefix and its
+    # first diverging token gets -log(1 - p); 0 = off (the prefix is kept as generated)
+    duplicate_iou: float = 0.9
+    duplicate_ul_weight: float = 0.0
     channel_b: ChannelBConfig = field(default_factory=ChannelBConfig)
 
 
@@ -121,6 +126,9 @@ class RolloutConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    # HF RepetitionPenaltyLogitsProcessor: every token id already in the sequence (the prompt,
+    # JSON punctuation and coord tokens included) has its logit divided (if > 0) or multiplied
+    # (if < 0) by this; 1.0 = off. It cannot tell a repeated object from a repeated `", "`.
     repetition_penalty: float = 1.0
     constrained: bool = False  # CoordJSON grammar: coord slots emit only coord tokens
 
@@ -368,6 +376,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
     if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:
         raise UserError("'stage2_ab.channel_b.drop_invalid_struct_ce_multiplier' must be in [1, 4]")
+    if not 0.0 < s.duplicate_iou <= 1.0 or s.duplicate_ul_weight < 0:
+        raise UserError("'stage2_ab.duplicate_iou' must be in (0, 1] and "
+                        "'stage2_ab.duplicate_ul_weight' >= 0")
     if not set(t.report_to) <= set(REPORTERS) or len(set(t.report_to)) < len(t.report_to):
         raise UserError(f"'training.report_to' lists each of {', '.join(REPORTERS)} at most "
                         f"once, got {list(t.report_to)}")

@@ -45,5 +45,9 @@ def _print_summary(report: dict) -> None:
     for row in report["eval_table"]:
         print(f"step {row['step']}: mAP {fmt(row['rollout/mAP'])}  f1 {fmt(row['rollout/f1'])}  "
               f"pred {fmt(row['rollout/pred_objects'])}  matched {fmt(row['rollout/matched'])}")
+    for row in report["duplicates_table"]:
+        print(f"step {row['step']}: dup_share {fmt(row['rollout/dup_share'])}  guarded f1 "
+              f"{fmt(row['rollout/guarded/f1'])}  guarded AP50 "
+              f"{fmt(row['rollout/guarded/AP50'])}")
     for note in report["missing"]:
         print(f"note: {note}")

@@ -13,6 +13,7 @@ from coordexp.report.analysis import (
     EVAL_KEYS,
     correlations,
     diagnostic_steps,
+    duplicate_table,
     eval_table,
     near_step_means,
     table_trends,
@@ -45,6 +46,7 @@ def analyze_run(run: Run, *, window: int, corr: list[tuple[str, str]]) -> dict:
         "knobs": [{"label": label, "key": key, "value": value}
                   for label, key, value in key_knobs(run.config)],
         "eval_table": table,
+        "duplicates_table": duplicate_table(run.eval_rows),
         "eval_trends": table_trends(table, EVAL_KEYS),
         "diagnostics_window": window,
         "diagnostics_at": where,

@@ -33,6 +33,8 @@ def score_predictions(records: list[Record], preds: list[Prediction],
 
 def rollout_metrics(ev: Evaluation) -> dict:
     metrics = {f"rollout/{k}": ev.metrics[k] for k in EVAL_KEYS}
+    metrics |= {f"rollout/{k}": v for k, v in ev.duplicates.items()}  # rollout/dup_*
+    metrics |= {f"rollout/guarded/{k}": v for k, v in ev.guarded.items()}
     metrics["rollout/matched_maskiou_mean"] = ev.metrics["matched_iou_mean"]
     c = ev.counters
     n = max(1, c["images"])
