@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 from coordexp.data.render import FIELD_ORDERS
-from coordexp.data.synthetic import COLOURS, SHAPES
+from coordexp.data.synthetic import PRESETS
 from coordexp.errors import UserError
 from coordexp.model.tiny import FAMILIES
 
@@ -30,6 +31,16 @@ def _unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
 
 
@@ -55,13 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", type=_positive_int, required=True, help="number of train images")
     s.add_argument("--val", type=_positive_int, required=True, help="number of val images")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=224, help="square image side in pixels")
-    s.add_argument("--min-objects", type=int, default=1)
-    s.add_argument("--max-objects", type=int, default=12)
-    s.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape kinds")
-    s.add_argument("--colours", default=",".join(COLOURS), help="comma-separated colours")
-    s.add_argument("--crowded-share", type=float, default=0.15,
-                   help="fraction of images with a crowded row of small same-class objects")
+    s.add_argument("--preset", choices=tuple(PRESETS), default="shapes",
+                   help="shapes: 1-12 shapes of 6 colours x 4 kinds, 224 px, 15%% crowded; "
+                        "crowded: 112 px, 80%% of images hold a shelf of 4-12 same-colour "
+                        "squares in 1-3 rows (the flags below override the preset)")
+    s.add_argument("--image-size", type=int, help="square image side in pixels")
+    s.add_argument("--min-objects", type=int)
+    s.add_argument("--max-objects", type=int)
+    s.add_argument("--shapes", help="comma-separated shape kinds")
+    s.add_argument("--colours", help="comma-separated colours")
+    s.add_argument("--crowded", "--crowded-share", dest="crowded_share", type=float,
+                   help="fraction of images with a crowded shelf of small same-class objects")
+    s.add_argument("--shelf-rows", type=int, help="most rows of a shelf (1-4)")
     s.set_defaults(run=_cmd_synth)
 
     c = d.add_parser("coco", help="COCO instances JSON -> records JSONL")
@@ -142,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="answer budget per image (default 3084, the seed's evaluation budget); "
                         "answers cut by it are counted and reported")
-    i.add_argument("--repetition-penalty", type=float, default=1.0)
+    i.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="HF repetition penalty (rollout.repetition_penalty): divides the "
+                        "logit of every token already in the sequence, prompt, JSON "
+                        "punctuation and coord tokens included (1.0 = off)")
     i.add_argument("--constrained", action="store_true",
                    help="CoordJSON grammar: coord slots emit only coord tokens")
     i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
@@ -180,10 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default="", help="checkpoint dir, or 'latest' in the run dir")
     tr.set_defaults(run=_cmd_train)
 
-    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
+    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, then Stage 2 AB and its "
+                        "equal-time control, eval, report")
     dm.add_argument("--out", default="demo_run", help="output folder")
-    dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    dm.add_argument("--minutes", type=_finite_float, default=10.0, help="training time budget")
     dm.set_defaults(run=_cmd_demo)
+
+    st = sub.add_parser("study", help="equal-budget arms from one checkpoint over seeds: a table "
+                        "of paired differences with bootstrap intervals against the control")
+    st.add_argument("spec", help="study YAML (see studies/seed_note.yaml)")
+    st.add_argument("--out", default="", help="study folder (default: the spec's output_dir)")
+    st.set_defaults(run=_cmd_study)
 
     rp = sub.add_parser("report", help="turn a run directory into report.md / report.html")
     rp.add_argument("run_dir", nargs="?", help="run directory")
@@ -207,22 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentence encoder (auto: when it is installed)")
     e.add_argument("--semantic-threshold", type=_unit_interval, default=None,
                    help="lowest cosine similarity that maps a desc (default 0.6)")
-    e.add_argument("--constant-score", type=float, default=None,
+    e.add_argument("--constant-score", type=_finite_float, default=None,
                    help="give every box this score (AP then follows emission order)")
     e.add_argument("--iou-gate", type=_unit_interval, default=0.3,
                    help="least IoU of a matched pair for precision/recall/F1 (default 0.3)")
     e.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="object field order, for predictions given as raw_text")
+    e.add_argument("--max-preds-per-image", type=_positive_int, default=1000,
+                   help="keep this many highest-scoring objects per image; the rest are "
+                        "dropped and counted (pred_over_cap_dropped)")
     e.set_defaults(run=_cmd_eval)
     return p
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from coordexp.data.synthetic import SynthSpec, synthesize
+    import dataclasses
 
-    spec = SynthSpec(image_size=args.image_size, min_objects=args.min_objects,
-                     max_objects=args.max_objects, shapes=tuple(args.shapes.split(",")),
-                     colours=tuple(args.colours.split(",")), crowded_share=args.crowded_share)
+    from coordexp.data.synthetic import synthesize
+    from coordexp.files import check_output_dir
+
+    check_output_dir(args.out, "--out")
+
+    given = {k: getattr(args, k) for k in ("image_size", "min_objects", "max_objects",
+                                           "crowded_share", "shelf_rows")}
+    given |= {k: tuple(getattr(args, k).split(",")) for k in ("shapes", "colours")
+              if getattr(args, k) is not None}
+    spec = dataclasses.replace(PRESETS[args.preset],
+                               **{k: v for k, v in given.items() if v is not None})
     counts = synthesize(args.out, args.train, args.val, args.seed, spec)
     print(f"wrote {counts['train']} train and {counts['val']} val images to {args.out}")
     return 0
@@ -290,9 +327,10 @@ def _cmd_to_coco(args: argparse.Namespace) -> int:
 
 
 def _out_path(text: str) -> Path:
-    out = Path(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    """--out of a converter, checked before any work (its folder is made when written)."""
+    from coordexp.files import check_output_file
+
+    return check_output_file(text, "--out")
 
 
 def _write_converted(out: Path, records: list, skipped: Counter) -> int:
@@ -306,9 +344,11 @@ def _write_converted(out: Path, records: list, skipped: Counter) -> int:
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import build_processor, save_vlm
     from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
+    check_output_dir(args.out, "--out")
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinySpec(family=args.family), seed=args.seed)
     save_vlm(model, build_processor(args.family, tok), args.out)
@@ -318,9 +358,11 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import load_vlm, save_vlm
     from coordexp.model.tokenizer import add_coord_tokens, resize_for_tokenizer
 
+    check_output_dir(args.dst, "--dst")
     model, processor, family = load_vlm(args.src)
     before = len(processor.tokenizer)
     add_coord_tokens(processor.tokenizer)
@@ -343,13 +385,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
     from coordexp.export import export_coco_results
+    from coordexp.files import check_output_file
 
+    check_output_file(args.out, "--out")
     return export_coco_results(args.pred, args.gt, args.out, semantic=args.semantic)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.visualize import visualize_command
 
+    check_output_dir(args.out, "--out")
     return visualize_command(args.pred, args.out, gt=args.gt, image_root=args.image_root,
                              min_score=args.min_score)
 
@@ -362,8 +408,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from coordexp.demo import run_demo
+    from coordexp.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     return run_demo(args.out, minutes=args.minutes)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from coordexp.study import study_command
+
+    return study_command(args.spec, output_dir=args.out)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -378,7 +432,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = {"semantic": {"auto": None, "on": True, "off": False}[args.semantic],
             "constant_score": args.constant_score, "iou_gate": args.iou_gate,
-            "field_order": args.field_order}
+            "field_order": args.field_order,
+            "max_preds_per_image": args.max_preds_per_image}
     if args.semantic_threshold is not None:
         opts["semantic_threshold"] = args.semantic_threshold
     return eval_command(args.gt, args.pred, args.out, **opts)

@@ -49,19 +49,22 @@ class _VocabLogSumExp(torch.autograd.Function):
 
     Backward recomputes each chunk's logits z = h W^T: with p = exp(z / tau - lse),
     d lse_n / d z_nv = p_nv / tau, so grad_h = (g p / tau) W and grad_W = (g p / tau)^T h.
+    With `exclude` [N], row n leaves token exclude_n out of its sum.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, temperature: float, chunk_size: int) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, temperature: float, chunk_size: int,
+                exclude: Tensor | None) -> Tensor:
         dtype = _head_dtype(h, weight)
         h_scaled = h.to(dtype) / temperature  # [N, D]
-        chunk_lse = [
-            (h_scaled @ w.to(dtype).T).logsumexp(-1)  # [N]
-            for w in weight.split(chunk_size)  # [C, D] views, no copy
-        ]
+        chunk_lse, start = [], 0
+        for w in weight.split(chunk_size):  # [C, D] views, no copy
+            z = _leave_out(h_scaled @ w.to(dtype).T, exclude, start)  # [N, C]
+            chunk_lse.append(z.logsumexp(-1))  # [N]
+            start += w.shape[0]
         lse = torch.stack(chunk_lse, dim=-1).logsumexp(-1)  # [N]
         ctx.save_for_backward(h, weight, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.exclude = temperature, chunk_size, exclude
         return lse
 
     @staticmethod
@@ -77,25 +80,38 @@ class _VocabLogSumExp(torch.autograd.Function):
         start = 0
         for w in weight.split(ctx.chunk_size):
             w = w.to(lse.dtype)  # [C, D]
-            g = (h_scaled @ w.T).sub_(lse[:, None]).exp_().mul_(row_scale)  # [N, C]
+            g = _leave_out(h_scaled @ w.T, ctx.exclude, start)  # [N, C]
+            g = g.sub_(lse[:, None]).exp_().mul_(row_scale)
             if need_h:
                 grad_h.addmm_(g, w)
             if need_w:
                 grad_w[start : start + w.shape[0]] = g.T @ h_full
             start += w.shape[0]
         grad_h = grad_h.to(h.dtype) if need_h else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
+
+
+def _leave_out(z: Tensor, exclude: Tensor | None, start: int) -> Tensor:
+    """z [N, C] (vocabulary columns start..start+C) with column exclude_n of row n at -inf."""
+    if exclude is None:
+        return z
+    cols = exclude - start  # [N]
+    rows = ((cols >= 0) & (cols < z.shape[1])).nonzero(as_tuple=True)[0]
+    return z.index_put_((rows, cols[rows]), torch.tensor(-torch.inf, dtype=z.dtype))
 
 
 def vocab_logsumexp(
-    h: Tensor, weight: Tensor, *, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE
+    h: Tensor, weight: Tensor, *, temperature: float = 1.0, chunk_size: int = CHUNK_SIZE,
+    exclude: Tensor | None = None,
 ) -> Tensor:
     """logsumexp over the full vocabulary of h W^T / tau: h [N, D], W [V, D] -> [N] float32.
 
     Peak extra memory is one [N, chunk_size] block, in forward and backward; gradients flow to
-    both h and W. Used for the coord gate, the text gate and token CE (CE = lse - label logit).
+    both h and W. Used for the coord gate, the text gate and token CE (CE = lse - label logit);
+    with exclude [N] (a token id per row, left out of that row's sum) for the unlikelihood
+    term, whose log(1 - p) = lse without the token - lse stays exact when p is near 1.
     """
-    return _VocabLogSumExp.apply(h, weight, temperature, chunk_size)
+    return _VocabLogSumExp.apply(h, weight, temperature, chunk_size, exclude)
 
 
 # -- LM-head views at target rows --------------------------------------------------------------
@@ -140,6 +156,9 @@ class HiddenHead:
     def label_logits(self, at: Rows, labels: Tensor) -> Tensor:  # [M]
         return label_logits(self.rows(at), self.weight, labels)
 
+    def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:  # [M], tokens [M] left out
+        return vocab_logsumexp(self.rows(at), self.weight, exclude=tokens)
+
 
 class LogitsHead:
     """The same outputs read from full logits [B, T, V] (the reference path)."""
@@ -161,6 +180,9 @@ class LogitsHead:
 
     def label_logits(self, at: Rows, labels: Tensor) -> Tensor:
         return self.rows(at).gather(-1, labels[:, None])[:, 0]
+
+    def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:
+        return self.rows(at).scatter(-1, tokens[:, None], -torch.inf).logsumexp(-1)
 
 
 Head = HiddenHead | LogitsHead

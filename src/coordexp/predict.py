@@ -23,7 +23,8 @@ def predict_records(model, processor, records: list[Record], cfg: Config, *,
 
 def prediction(record: Record, rollout: Rollout, cfg: Config) -> Prediction:
     result = parse_coordjson_tokens(rollout.pieces, field_order=cfg.data.field_order)
-    return from_parse(record, result, object_scores(rollout, result, cfg.eval.score), rollout.text)
+    return from_parse(record, result, object_scores(rollout, result, cfg.eval.score), rollout.text,
+                      hit_max_new_tokens=rollout.hit_max_new_tokens)
 
 
 def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[float]:

@@ -32,7 +32,8 @@ class SynthSpec:
     colours: tuple[str, ...] = tuple(COLOURS)
     min_size_frac: float = 0.12  # object side as a fraction of the image side
     max_size_frac: float = 0.35
-    crowded_share: float = 0.15  # fraction of images that hold a crowded row
+    crowded_share: float = 0.15  # fraction of images that hold a crowded shelf
+    shelf_rows: int = 1  # a shelf is a grid of up to this many rows of one class
     background: tuple[int, int, int] = (30, 30, 30)
 
     def check(self) -> None:
@@ -50,6 +51,17 @@ class SynthSpec:
             raise UserError("need 0 < min_size_frac <= max_size_frac < 1")
         if not 0 <= self.crowded_share <= 1:
             raise UserError(f"crowded_share must be in [0, 1], got {self.crowded_share}")
+        if not 1 <= self.shelf_rows <= 4:
+            raise UserError(f"shelf_rows must be in 1..4, got {self.shelf_rows}")
+
+
+# The crowded task (`coordexp data synth --preset crowded`): most images hold a shelf of 4-12
+# same-colour squares in 1-3 rows beside a few larger squares, at the demo's scale, so a tiny
+# model enumerates many near-identical objects and starts to repeat them.
+CROWDED = SynthSpec(image_size=112, min_objects=6, max_objects=12,
+                    colours=("red", "green", "blue", "yellow"), shapes=("square",),
+                    min_size_frac=0.15, max_size_frac=0.35, crowded_share=0.8, shelf_rows=3)
+PRESETS = {"shapes": SynthSpec(), "crowded": CROWDED}
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
@@ -78,16 +90,20 @@ def _random_object(rng: random.Random, spec: SynthSpec) -> tuple[str, tuple[int,
     return desc, (x1, y1, min(x1 + w, s - 1), min(y1 + h, s - 1))
 
 
-def _crowded_row(rng: random.Random, spec: SynthSpec, n: int) -> list[tuple[str, tuple]]:
-    """n small same-class objects side by side in one horizontal band."""
-    s = spec.image_size
-    gap = 2
-    w = max(4, min((s - 8) // n - gap, round(s * spec.min_size_frac)))
-    h = max(4, round(w * rng.uniform(1.2, 2.0)))
-    x0, y1 = rng.randrange(2, max(3, s - n * (w + gap))), rng.randrange(0, s - h)
+def _crowded_shelf(rng: random.Random, spec: SynthSpec, n: int) -> list[tuple[str, tuple]]:
+    """n small same-class objects side by side: one horizontal band, or a grid of up to
+    spec.shelf_rows bands (books on a shelf)."""
+    s, gap = spec.image_size, 2
+    rows = rng.randint(1, min(spec.shelf_rows, n // 2)) if spec.shelf_rows > 1 else 1
+    cols = -(-n // rows)
+    w = max(4, min((s - 8) // cols - gap, round(s * spec.min_size_frac)))
+    h = min(max(4, round(w * rng.uniform(1.2, 2.0))), (s - 4) // rows - gap)
+    height = rows * h + (rows - 1) * gap
+    x0, y0 = rng.randrange(2, max(3, s - cols * (w + gap))), rng.randrange(0, s - height)
     desc = f"{rng.choice(spec.colours)} {rng.choice(spec.shapes)}"
-    return [(desc, (x0 + i * (w + gap), y1, x0 + i * (w + gap) + w - 1, y1 + h - 1))
-            for i in range(n)]
+    cells = [divmod(i, cols) for i in range(n)]  # (row, column)
+    return [(desc, (x0 + c * (w + gap), y0 + r * (h + gap), x0 + c * (w + gap) + w - 1,
+                    y0 + r * (h + gap) + h - 1)) for r, c in cells]
 
 
 def make_scene(seed: int, spec: SynthSpec) -> tuple[Image.Image, list[DetObject]]:
@@ -97,7 +113,7 @@ def make_scene(seed: int, spec: SynthSpec) -> tuple[Image.Image, list[DetObject]
     objects = []
     if n >= 4 and rng.random() < spec.crowded_share:
         k = rng.randint(4, n)
-        objects += _crowded_row(rng, spec, k)
+        objects += _crowded_shelf(rng, spec, k)
         n -= k
     objects += [_random_object(rng, spec) for _ in range(n)]
     image = Image.new("RGB", (spec.image_size, spec.image_size), spec.background)

@@ -12,6 +12,7 @@ Lines are untrusted input: every problem is a UserError naming the file and line
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from coordexp.parsing import (
 )
 
 PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
-                  "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
+                  "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS) + (
+                  "rollout_hit_max_new_tokens",)  # the rollout stopped at the token budget
 _CODEC = CoordCodec()
 
 
@@ -60,22 +62,41 @@ class Prediction:
             self.parse
 
 
-def parse_counts(r: ParseResult) -> dict[str, int]:
-    """PARSE_COUNTERS of one parse."""
+def parse_counts(r: ParseResult, hit_max_new_tokens: bool = False) -> dict[str, int]:
+    """PARSE_COUNTERS of one parse (and whether its rollout stopped at the token budget)."""
     counts = {"parse_invalid_rollout": int(r.invalid_rollout), "parse_truncated": int(r.truncated),
               "parse_dropped_invalid": r.dropped_invalid,
               "parse_dropped_ambiguous": r.dropped_ambiguous}
-    return counts | {f"parse_dropped_{k}": v for k, v in r.dropped_by_reason.items()}
+    counts |= {f"parse_dropped_{k}": v for k, v in r.dropped_by_reason.items()}
+    return counts | {"rollout_hit_max_new_tokens": int(hit_max_new_tokens)}
 
 
 def from_parse(gt: Record, result: ParseResult, scores: list[float],
-               raw_text: str | None) -> Prediction:
+               raw_text: str | None, *, hit_max_new_tokens: bool = False) -> Prediction:
     """A Prediction from parsed model output: bins -> pixels of the record's image."""
     bins = np.asarray([o["bbox_2d"] for o in result.objects], dtype=np.int64).reshape(-1, 4)
     boxes = [_CODEC.box_bins_to_px(b, gt.width, gt.height) for b in bins.tolist()]
     return Prediction(gt.image, gt.width, gt.height, [o["desc"] for o in result.objects],
-                      _boxes(boxes), np.asarray(scores, dtype=np.float64), parse_counts(result),
-                      raw_text, bins)
+                      _boxes(boxes), np.asarray(scores, dtype=np.float64),
+                      parse_counts(result, hit_max_new_tokens), raw_text, bins)
+
+
+def cap_predictions(preds: list[Prediction | None],
+                    cap: int) -> tuple[list[Prediction | None], int]:
+    """Each image's `cap` highest-scoring objects (ties: emission order), kept in emission
+    order, and how many objects the cap dropped over all images. Bounds the work per image."""
+    out, dropped = [], 0
+    for p in preds:
+        if p is None or len(p.descs) <= cap:
+            out.append(p)
+            continue
+        keep = np.sort(np.argsort(-p.scores, kind="stable")[:cap])  # [cap]
+        dropped += len(p.descs) - cap
+        out.append(dataclasses.replace(
+            p, descs=[p.descs[i] for i in keep.tolist()], boxes_px=p.boxes_px[keep],
+            scores=p.scores[keep],
+            boxes_bins=None if p.boxes_bins is None else p.boxes_bins[keep]))
+    return out, dropped
 
 
 def box_scores(token_logprobs: Sequence[float] | np.ndarray, tokens: Sequence[ObjectTokens],

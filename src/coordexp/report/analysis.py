@@ -15,6 +15,11 @@ EVAL_KEYS = (
     "rollout/parse_dropped_invalid", "rollout/parse_dropped_ambiguous",
     "rollout/parse_truncated_rate", "rollout/sample_valid_pred_rate",
 )
+# duplicate statistics and the guarded view (coordexp.eval.duplicates), beside raw F1 and AP50
+DUP_KEYS = ("rollout/dup_share", "rollout/dup_pairs_per_image", "rollout/dup_clusters_per_image",
+            "rollout/dup_max_cluster_size", "rollout/dup_hit_max_new_tokens_rate",
+            "rollout/AP50", "rollout/guarded/AP50", "rollout/f1", "rollout/guarded/f1",
+            "rollout/guarded/precision", "rollout/guarded/recall")
 COUNT_KEYS = ("rollout/pred_objects", "rollout/matched", "rollout/fp_total", "rollout/fn_total",
               "rollout/parse_dropped_invalid", "rollout/parse_dropped_ambiguous")
 DIAG_KEYS = (
@@ -36,12 +41,17 @@ def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if is_number(r.get(key))]
 
 
-def eval_table(eval_rows: list[dict]) -> list[dict]:
-    """One row per eval step ({"step", *EVAL_KEYS}, None where not logged); a step logged twice
+def eval_table(eval_rows: list[dict], keys: tuple[str, ...] = EVAL_KEYS) -> list[dict]:
+    """One row per eval step ({"step", *keys}, None where not logged); a step logged twice
     keeps its last row."""
     by_step = {r["step"]: r for r in eval_rows}
-    return [{"step": s} | {k: _number_or_none(k, by_step[s].get(k)) for k in EVAL_KEYS}
+    return [{"step": s} | {k: _number_or_none(k, by_step[s].get(k)) for k in keys}
             for s in sorted(by_step)]
+
+
+def duplicate_table(eval_rows: list[dict]) -> list[dict]:
+    """eval_table over DUP_KEYS, for the eval steps that logged duplicate statistics."""
+    return [r for r in eval_table(eval_rows, DUP_KEYS) if r["rollout/dup_share"] is not None]
 
 
 def _number_or_none(key: str, value) -> float | int | None:

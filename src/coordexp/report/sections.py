@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordexp.report.analysis import DIAG_KEYS, EVAL_KEYS, describe_trend, fmt, is_number, series
+from coordexp.report.analysis import (
+    DIAG_KEYS,
+    DUP_KEYS,
+    EVAL_KEYS,
+    describe_trend,
+    fmt,
+    is_number,
+    series,
+)
 from coordexp.report.load import Run
 from coordexp.report.plots import Line, Panel, plot_panels, plot_scatter
 from coordexp.report.readings import (
@@ -68,6 +76,12 @@ def eval_section(report: dict, out: Path) -> list[Block]:
     blocks += [Para(f"{len(rows)} eval step(s), `rollout/*` metrics as logged "
                     "(counts are over the whole eval set)."),
                keyed_table(rows, EVAL_KEYS)]
+    if report["duplicates_table"]:
+        blocks += [Para("Duplicates: `dup_share` is the share of predictions that a guard "
+                        "keeping the best-scored member of each duplicate cluster (same desc, "
+                        "IoU >= 0.9, linked pairs joined) would remove; `guarded/*` are the "
+                        "metrics of those guarded predictions, beside the raw ones."),
+                   keyed_table(report["duplicates_table"], DUP_KEYS)]
     if len(rows) > 1:
         blocks += [Para("Trends, first to last eval step (flat: within 3% of the larger value):"),
                    trend_bullets(report["eval_trends"]),

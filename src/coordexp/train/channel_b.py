@@ -10,6 +10,13 @@ ground-truth objects inside the same array, the closing `]}` and the end of turn
 - the closure and end of turn: always supervised.
 If the sample had dropped-invalid objects, the appended struct tokens are weighted by
 `channel_b.drop_invalid_struct_ce_multiplier` (applied here, once).
+
+Clean prefix (`stage2_ab.duplicate_ul_weight` > 0; reference section 5.3, Appendix A): an
+unmatched prediction with the desc of an earlier matched prediction and IoU >=
+`stage2_ab.duplicate_iou` with it is a duplicate. It leaves the prefix with the separator before
+it, so the positive prefix holds each object once, and the first token at which the duplicate's
+text diverges from the clean answer gets an unlikelihood term (`Unlikely`). At weight 0 the
+prefix is kept as generated.
 """
 
 from __future__ import annotations
@@ -22,18 +29,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from coordexp.boxes import box_iou
 from coordexp.config import Config
 from coordexp.data.collate import COORD, DESC, STRUCT, Batch, Collator
 from coordexp.data.records import Record
 from coordexp.data.render import render_object, sorted_objects_bins
+from coordexp.lmhead import Rows
 from coordexp.matching import match_boxes
-from coordexp.parsing import ParseResult, parse_coordjson_tokens
+from coordexp.parsing import ObjectSpans, ParseResult, Span, parse_coordjson_tokens
 
 if TYPE_CHECKING:
     from coordexp.rollout import Rollout
 
 FALLBACK_PREFIX = '{"objects": ['  # what an invalid rollout is replaced by
 NO_TARGET = -1
+SEPARATOR_CHARS = ", \t\n\r"  # what may stand between two objects of the array
+
+
+@dataclass(frozen=True)
+class Unlikely:
+    """An unlikelihood event: at answer token `position` (its context is the clean answer before
+    it) the duplicate would have said `token` where the clean answer says another."""
+
+    position: int
+    token: int
 
 
 @dataclass
@@ -46,6 +65,7 @@ class SampleTarget:
     weights: list[float]  # CE weight per token (0 for 0 and COORD)
     target_bins: list[int]  # GT bin of each supervised coord slot, NO_TARGET elsewhere
     counts: dict[str, int] = field(default_factory=dict)
+    unlikely: list[Unlikely] = field(default_factory=list)  # clean prefix only
 
 
 def append_fragment(prefix_has_objects: bool, missed: list[tuple[str, list[int]]], codec,
@@ -56,28 +76,61 @@ def append_fragment(prefix_has_objects: bool, missed: list[tuple[str, list[int]]
     return (", " if prefix_has_objects and missed else "") + body + "]}"
 
 
-def prefix_tokens(rollout: Rollout, parse: ParseResult, tokenizer
+def prefix_tokens(rollout: Rollout, parse: ParseResult, tokenizer, removed: list[Span] = ()
                   ) -> tuple[str, list[tuple[int, int, int]]]:
-    """The append-ready prefix: its text and (token id, char start, char end) per token.
+    """The append-ready prefix without the `removed` char ranges: its text and (token id, char
+    start, char end) per token.
 
-    Whole rollout tokens are kept as generated; a last token that the cut splits (e.g. a
-    merged `}, {"`) is replaced by the tokenization of its part before the cut. An invalid
-    rollout is replaced by FALLBACK_PREFIX.
+    Rollout tokens that lie wholly in kept text are kept as generated; the kept characters
+    between two such tokens (the part of a token the cut splits, e.g. a merged `}, {"`, or the
+    text on both sides of a removed range) are re-tokenized together. An invalid rollout is
+    replaced by FALLBACK_PREFIX.
     """
     if parse.invalid_rollout:
-        text, base, start, kept = FALLBACK_PREFIX, [], 0, FALLBACK_PREFIX
-    else:
-        text = "".join(rollout.pieces)[: parse.prefix_end]
-        ends = np.cumsum([len(p) for p in rollout.pieces]).tolist()  # [T] char end per token
-        whole = bisect_right(ends, parse.prefix_end)  # tokens ending at or before the cut
-        start = ends[whole - 1] if whole else 0
-        base = [(rollout.token_ids[i], ends[i] - len(rollout.pieces[i]), ends[i])
-                for i in range(whole)]
-        kept = text[start:]
-    enc = tokenizer(kept, add_special_tokens=False, return_offsets_mapping=True)
-    tail = [(tid, start + s, start + e)
+        enc = tokenizer(FALLBACK_PREFIX, add_special_tokens=False, return_offsets_mapping=True)
+        return FALLBACK_PREFIX, [(t, s, e) for t, (s, e) in
+                                 zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    original = "".join(rollout.pieces)
+    kept = _complement(removed, parse.prefix_end)
+    text = "".join(original[s:e] for s, e in kept)
+    out, gap, pos = [], "", 0  # pos: clean offset where the pending gap starts
+    for tid, start, end in _spans_of(rollout):  # tokens past the prefix add nothing
+        if any(s <= start and end <= e for s, e in kept):  # wholly kept: as generated
+            out += _tokenize_at(tokenizer, gap, pos)
+            pos += len(gap)
+            out.append((tid, pos, pos + end - start))
+            gap, pos = "", pos + end - start
+        else:
+            gap += "".join(original[max(s, start): min(e, end)] for s, e in kept)
+    return text, out + _tokenize_at(tokenizer, gap, pos)
+
+
+def _spans_of(rollout: Rollout) -> list[tuple[int, int, int]]:
+    ends = np.cumsum([len(p) for p in rollout.pieces]).tolist()  # [T] char end per token
+    return [(tid, e - len(p), e) for tid, p, e in zip(rollout.token_ids, rollout.pieces, ends,
+                                                      strict=True)]
+
+
+def _tokenize_at(tokenizer, text: str, offset: int) -> list[tuple[int, int, int]]:
+    if not text:
+        return []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [(tid, offset + s, offset + e)
             for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
-    return text, base + tail
+
+
+def _complement(removed: list[Span], end: int) -> list[Span]:
+    """The kept ranges of [0, end) around sorted, disjoint removed ranges."""
+    kept, pos = [], 0
+    for s, e in removed:
+        kept.append((pos, s))
+        pos = e
+    return [(s, e) for s, e in [*kept, (pos, end)] if e > s]
+
+
+def _to_clean(offset: int, removed: list[Span]) -> int:
+    """A kept char offset of the rollout -> its offset in the clean text."""
+    return offset - sum(e - s for s, e in removed if e <= offset)
 
 
 def build_target(rollout: Rollout, record: Record, collator: Collator,
@@ -101,40 +154,114 @@ def build_target(rollout: Rollout, record: Record, collator: Collator,
         ']}]}' '<|im_end|>'                            1  1.0   -1   closure: always supervised
 
     The rollout's `]}]}` token is cut after the cup's `}`; its kept part is re-tokenized.
+    Had the cup been a second cat at IoU >= duplicate_iou with the first (and
+    duplicate_ul_weight > 0), `, {"desc": "cat", ...]}` would be cut out, the prefix would end
+    after the first cat, and the token where `, {"desc": "cat"` departs from the clean
+    `, {"desc": "dog"` (the duplicate's `cat`, at the position of the appended `dog`) would get
+    the unlikelihood term.
     """
-    codec, order = collator.codec, cfg.data.field_order
+    codec, order, s = collator.codec, cfg.data.field_order, cfg.stage2_ab
     parse = parse_coordjson_tokens(rollout.pieces, field_order=order)
     gt = sorted_objects_bins(record, codec)  # [(desc, bins)] in the canonical order
     pred_bins = np.array([o["bbox_2d"] for o in parse.objects], dtype=float).reshape(-1, 4)
     gt_bins = np.array([b for _, b in gt], dtype=float).reshape(-1, 4)
     match = match_boxes(pred_bins, gt_bins, **dataclasses.asdict(cfg.match))
-    text, prefix = prefix_tokens(rollout, parse, collator.tokenizer)
-    types, bins = _prefix_supervision(text, prefix, parse, match.pairs, gt)
+    dups = duplicates_of_matched(parse, match.pairs, s.duplicate_iou) \
+        if s.duplicate_ul_weight > 0 else {}
+    removed = [_duplicate_range(rollout.text, parse.spans[d].object) for d in sorted(dups)]
+    text, prefix = prefix_tokens(rollout, parse, collator.tokenizer, removed)
+    kept = [i for i in range(len(parse.objects)) if i not in dups]
+    spans = [_clean_spans(parse.spans[i], removed) for i in kept]
+    pairs = [(kept.index(p), g) for p, g in match.pairs]
+    types, bins = _prefix_supervision(text, prefix, spans, pairs, gt)
     missed = [gt[j] for j in sorted(match.fn_indices)]
-    fragment = append_fragment(bool(parse.objects), missed, codec, order)
+    fragment = append_fragment(bool(kept), missed, codec, order)
     tail_ids, tail_types = collator.answer_tokens(fragment)  # end of turn appended
-    s = cfg.stage2_ab
     struct_w = s.channel_b.drop_invalid_struct_ce_multiplier if parse.dropped_invalid else 1.0
     tail_w = {0: 0.0, COORD: 0.0, STRUCT: struct_w, DESC: s.desc_ce_weight}
     ids = [tid for tid, _, _ in prefix] + tail_ids
+    ends = [e for _, _, e in prefix] + [len(text) + e for e in
+                                        _token_ends(collator.tokenizer, fragment)]
+    unlikely = [_divergence(rollout.text[r0:], text + fragment, _to_clean(r0, removed), ids,
+                            ends, collator.tokenizer) for r0, _ in removed]
+    unlikely = list(dict.fromkeys(u for u in unlikely if u is not None))  # one per event
     counts = {"samples": 1, "gt": len(gt), "pred": len(parse.objects),
               "matched": len(match.pairs), "fn_appended": len(missed),
               "gating_rejections": match.gating_rejections,
               "invalid_rollout": int(parse.invalid_rollout), "truncated": int(parse.truncated),
               "dropped_invalid": parse.dropped_invalid,
               "dropped_ambiguous": parse.dropped_ambiguous,
-              "gen_tokens": len(rollout.token_ids)}
+              "gen_tokens": len(rollout.token_ids), "duplicates_removed": len(dups),
+              "duplicate_ul_tokens": len(unlikely)}
     return SampleTarget(
         text + fragment, ids, types + tail_types,
         [float(t == STRUCT) for t in types] + [tail_w[t] for t in tail_types],
         bins + [int(collator.id_to_bin[i]) if t == COORD else NO_TARGET
                 for i, t in zip(tail_ids, tail_types, strict=True)],
-        counts)
+        counts, unlikely)
 
 
-def _prefix_supervision(text: str, prefix, parse: ParseResult, pairs, gt
+def duplicates_of_matched(parse: ParseResult, pairs, iou_threshold: float) -> dict[int, int]:
+    """Unmatched prediction -> the earlier matched prediction it duplicates: the same desc and
+    box IoU >= iou_threshold (the most overlapping one if several)."""
+    matched = sorted(p for p, _ in pairs)
+    if not matched:
+        return {}
+    boxes = torch.tensor([o["bbox_2d"] for o in parse.objects], dtype=torch.float64)  # [P, 4]
+    iou = box_iou(boxes, boxes[matched]).numpy()  # [P, M]
+    out = {}
+    for j, o in enumerate(parse.objects):
+        cands = [(iou[j, m], i) for m, i in enumerate(matched) if i < j
+                 and parse.objects[i]["desc"] == o["desc"] and iou[j, m] >= iou_threshold]
+        if cands and j not in matched:
+            out[j] = max(cands)[1]
+    return out
+
+
+def _duplicate_range(text: str, obj: Span) -> Span:
+    """A duplicate's object with the separator before it (a duplicate is never first)."""
+    start = obj[0]
+    while start > 0 and text[start - 1] in SEPARATOR_CHARS:
+        start -= 1
+    return start, obj[1]
+
+
+def _clean_spans(sp: ObjectSpans, removed: list[Span]) -> ObjectSpans:
+    def move(span: Span) -> Span:
+        return _to_clean(span[0], removed), _to_clean(span[1], removed)
+
+    return ObjectSpans(move(sp.object), move(sp.desc), tuple(move(c) for c in sp.coords))
+
+
+def _token_ends(tokenizer, fragment: str) -> list[int]:
+    """Char end of each token of answer_tokens(fragment) in the fragment; the end of turn last,
+    one past the text."""
+    offsets = tokenizer(fragment, add_special_tokens=False, return_offsets_mapping=True)
+    return [e for _, e in offsets["offset_mapping"]] + [len(fragment) + 1]
+
+
+def _divergence(generated: str, answer: str, junction: int, ids: list[int], ends: list[int],
+                tokenizer) -> Unlikely | None:
+    """Where the generated text from a removed duplicate's start departs from the clean answer
+    from the same point: the answer token holding the first differing character, and the first
+    token of the generated text read from that token's start. None if the duplicate's text is
+    all a prefix of the clean answer."""
+    clean = answer[junction:]
+    k = next((i for i, (a, b) in enumerate(zip(generated, clean, strict=False)) if a != b),
+             min(len(generated), len(clean)))
+    if k == len(generated):
+        return None
+    position = bisect_right(ends, junction + k)  # the first token ending after that char
+    start = ends[position - 1] if position else 0
+    rest = answer[start:junction] + generated[max(0, start - junction):]
+    token = tokenizer(rest, add_special_tokens=False)["input_ids"][0]
+    return Unlikely(position, token) if token != ids[position] else None
+
+
+def _prefix_supervision(text: str, prefix, spans: list[ObjectSpans], pairs, gt
                         ) -> tuple[list[int], list[int]]:
     """Token types and coord targets in the prefix: only matched objects are supervised.
+    spans: the kept objects' char spans in text; pairs: (kept index, GT index).
 
     A token gets struct CE iff all its characters belong to matched objects (or to the `, `
     between kept objects) and none to a matched desc value; so a token the BPE merged across
@@ -142,12 +269,12 @@ def _prefix_supervision(text: str, prefix, parse: ParseResult, pairs, gt
     """
     allowed, desc, matched = (np.zeros(len(text), dtype=bool) for _ in range(3))
     for pred_i, _ in pairs:
-        (o_start, o_end), (d_start, d_end) = parse.spans[pred_i].object, parse.spans[pred_i].desc
+        (o_start, o_end), (d_start, d_end) = spans[pred_i].object, spans[pred_i].desc
         allowed[o_start:o_end] = matched[o_start:o_end] = True
         desc[d_start:d_end] = True
-    for left, right in zip(parse.spans, parse.spans[1:], strict=False):  # between kept objects
+    for left, right in zip(spans, spans[1:], strict=False):  # between kept objects
         gap = slice(left.object[1], right.object[0])
-        if not text[gap].strip(", \t\n\r"):
+        if not text[gap].strip(SEPARATOR_CHARS):
             allowed[gap] = True
     starts = np.array([s for _, s, _ in prefix], dtype=int)
     ends = np.array([e for _, _, e in prefix], dtype=int)
@@ -155,8 +282,10 @@ def _prefix_supervision(text: str, prefix, parse: ParseResult, pairs, gt
               & (_chars_in(allowed, starts, ends) == ends - starts)
               & (_chars_in(desc, starts, ends) == 0))
     types, bins = [STRUCT if s else 0 for s in struct.tolist()], [NO_TARGET] * len(prefix)
+    token_at = {(s, e): k for k, (_, s, e) in enumerate(prefix)}
     for pred_i, gt_j in pairs:
-        for slot, k in enumerate(parse.tokens[pred_i].coords):  # atomic tokens, never re-cut
+        for slot, span in enumerate(spans[pred_i].coords):  # atomic tokens, never re-cut
+            k = token_at[span]
             types[k], bins[k] = COORD, gt[gt_j][1][slot]
     return types, bins
 
@@ -183,6 +312,24 @@ def encode_targets(collator: Collator, records: list[Record],
     return batch, weights
 
 
+def unlikely_rows(batch: Batch, targets: list[SampleTarget]) -> tuple[Rows, torch.Tensor]:
+    """The unlikelihood events of a batch: their rows (answer positions) and tokens [U]."""
+    prompt_lens = batch.prompt_lens.tolist()
+    events = torch.tensor([(b, prompt_lens[b] + u.position, u.token)
+                           for b, t in enumerate(targets) for u in t.unlikely],
+                          dtype=torch.long, device=batch.token_type.device).reshape(-1, 3)
+    return Rows(events[:, 0], events[:, 1]), events[:, 2]
+
+
+def packed_rows(layout, at: Rows) -> Rows:
+    """Rows of a right-padded batch -> the same tokens' rows in its packed layout
+    (`coordexp.data.packing.Layout`: a sample keeps its offsets from its start)."""
+    rank = torch.empty_like(layout.order)
+    rank[layout.order] = torch.arange(len(layout.order), device=rank.device)
+    seg = layout.segments[rank[at.b]]  # [U, 3] (row, start, length)
+    return Rows(seg[:, 0], seg[:, 1] + at.t)
+
+
 def rollout_stats(targets: list[SampleTarget], seconds: float) -> dict[str, torch.Tensor]:
     """Channel-B rollout metrics as (sum, count) pairs; ratios form after aggregation."""
     n = {k: sum(t.counts[k] for t in targets) for k in targets[0].counts}
@@ -199,6 +346,8 @@ def rollout_stats(targets: list[SampleTarget], seconds: float) -> dict[str, torc
         "rollout/parse_invalid_rollout_rate": _pair(n["invalid_rollout"], n["samples"]),
         "rollout/parse_truncated_rate": _pair(n["truncated"], n["samples"]),
         "rollout/gen_new_tokens_mean": _pair(n["gen_tokens"], n["samples"]),
+        "rollout/duplicates_removed": _pair(n["duplicates_removed"], n["samples"]),
+        "rollout/duplicate_ul_tokens": _pair(n["duplicate_ul_tokens"], n["samples"]),
         "rollout/gen_tokens_per_s": _pair(n["gen_tokens"], seconds),
     }
 

@@ -5,19 +5,25 @@ previous checkpoint usable. Everything but the weights loads with weights_only=T
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from transformers import AutoModelForImageTextToText
 
 from coordexp.artifacts import checkpoint_dir, finish_checkpoint, prune_checkpoints
 from coordexp.errors import UserError
+from coordexp.files import load_json
 from coordexp.model.qwen_vl import save_vlm
 
 STATE_FILE = "trainer_state.json"
+# trainer_state.json fields a resume reads, with the JSON types each may have
+STATE_TYPES = {"step": (int,), "best_metric": (int, float, type(None)),
+               "best_step": (int, type(None)), "train_seconds": (int, float), "data_order": (dict,)}
 
 
 def rng_state() -> dict:
@@ -63,11 +69,23 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, order) -> dict:
         saved = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=model.dtype)
         model.load_state_dict(saved.state_dict())
         blob = torch.load(files[1], weights_only=True)
-        meta = json.loads(files[2].read_text())
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{ckpt}: cannot read checkpoint ({e}); it may be truncated") from None
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    order.load_state_dict(meta.pop("data_order"))
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError,
+            pickle.UnpicklingError) as e:
+        raise UserError(f"{ckpt}: cannot read checkpoint ({' '.join(str(e).split())[:200]}); "
+                        "it may be truncated") from None
+    meta = load_json(files[2])
+    bad = [k for k, types in STATE_TYPES.items()
+           if not isinstance(meta, dict) or type(meta.get(k, ...)) not in types]
+    if not bad and not all(type(meta["data_order"].get(k)) is int for k in ("epoch", "pos")):
+        bad = ["data_order.epoch/pos"]
+    if bad:
+        raise UserError(f"{files[2]}: missing or mistyped key(s) {', '.join(bad)}")
+    try:
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        set_rng_state(blob["rng"])
+        order.load_state_dict(meta.pop("data_order"))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise UserError(f"{files[1]} / {STATE_FILE}: missing or mistyped state "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     return meta

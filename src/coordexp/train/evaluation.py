@@ -27,12 +27,14 @@ def score_predictions(records: list[Record], preds: list[Prediction],
     ev = evaluate_predictions(records, preds, EvalOptions(match=cfg.match,
                                                           semantic=cfg.eval.semantic_desc))
     samples = [dump_sample(i, r, p, m) for i, (r, p, m) in
-               enumerate(zip(records, preds, ev.matches, strict=True))]
+               enumerate(zip(records, ev.predictions, ev.matches, strict=True))]
     return rollout_metrics(ev), samples
 
 
 def rollout_metrics(ev: Evaluation) -> dict:
     metrics = {f"rollout/{k}": ev.metrics[k] for k in EVAL_KEYS}
+    metrics |= {f"rollout/{k}": v for k, v in ev.duplicates.items()}  # rollout/dup_*
+    metrics |= {f"rollout/guarded/{k}": v for k, v in ev.guarded.items()}
     metrics["rollout/matched_maskiou_mean"] = ev.metrics["matched_iou_mean"]
     c = ev.counters
     n = max(1, c["images"])

@@ -18,7 +18,13 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from coordexp.artifacts import RunLog, latest_checkpoint, write_metadata, write_monitor_dump
+from coordexp.artifacts import (
+    RunLog,
+    latest_checkpoint,
+    lock_run_dir,
+    write_metadata,
+    write_monitor_dump,
+)
 from coordexp.codec import CoordCodec
 from coordexp.config import (
     Config,
@@ -32,6 +38,7 @@ from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
 from coordexp.diagnostics import finalize_stats
 from coordexp.errors import UserError
+from coordexp.files import check_output_dir
 from coordexp.train.checkpoint import load_checkpoint, save_checkpoint
 from coordexp.train.data_order import DataOrder, build_data_order
 from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
@@ -103,28 +110,37 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         for note in ignored_keys_notes(cfg) + packing_notes(cfg):
             print(note, file=sys.stderr)
     run_dir = Path(t.output_dir) / t.run_name
+    if main:
+        check_output_dir(run_dir, "training.output_dir/run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir) if main else None  # held until this training ends
     if main and (run_dir / "logging.jsonl").exists() and not resume:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
                         "training.run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(t.seed)
     train_records = read_records(cfg.data.train)
     if not train_records:
         raise UserError(f"{cfg.data.train}: no records")
     val_records = read_records(cfg.data.val) if cfg.data.val else []
+    if cfg.data.val and not val_records:
+        raise UserError(f"{cfg.data.val}: no records, so evaluation would be off; give a "
+                        "non-empty file or leave data.val empty")
     val_records = val_records[: cfg.data.val_limit or None]
 
     model, processor = build_model(cfg, run_dir, main)
     model.to(accelerator.device).train()
     collator = Collator(processor, CoordCodec(), cfg.data.field_order)
+    collator.check_descs(train_records)
     step_fn = build_step_fn(cfg, model, collator)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     gas = cfg.gradient_accumulation_steps(world)
     order = build_data_order(t, train_records, collator, rank, world)
     state = TrainState()
-    if resume:
-        ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+    ckpt = (latest_checkpoint(run_dir) if resume == "latest" else Path(resume)) if resume else None
+    if resume and ckpt is None and main:
+        print(f"note: {run_dir} has no checkpoint yet; starting the run afresh", file=sys.stderr)
+    if ckpt is not None:
         state.__dict__.update(load_checkpoint(ckpt, model, optimizer, scheduler, order))
     if main:
         write_metadata(run_dir, cfg, world)
@@ -162,6 +178,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     bar.close()
     log.close()
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.close()
     return run_dir
 
 

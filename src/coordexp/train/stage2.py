@@ -25,10 +25,17 @@ from coordexp.losses import weighted_mean
 from coordexp.model.adapter import hidden_states, lm_head_weight
 from coordexp.rollout import generate_rollouts
 from coordexp.train.channel_a import soft_context_forward
-from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
+from coordexp.train.channel_b import (
+    build_target,
+    encode_targets,
+    packed_rows,
+    rollout_stats,
+    unlikely_rows,
+)
 from coordexp.train.schedule import is_channel_b, schedule_stats
 from coordexp.train.stage1 import pack_step_batch
 from coordexp.train.terms import (
+    UNLIKELIHOOD,
     StepOutput,
     mean_stat,
     objective_weights,
@@ -39,6 +46,7 @@ from coordexp.train.terms import (
     text_ce,
     text_gate_term,
     text_rows,
+    unlikelihood,
     weighted_total,
 )
 
@@ -89,20 +97,26 @@ def channel_b_step(model, collator: Collator, records: list[Record], cfg: Config
                                                                        strict=True)]
     batch, weights = encode_targets(collator, records, targets)
     batch, weights = batch.to(coord_ids.device), weights.to(coord_ids.device)
+    ul_at, ul_tokens = unlikely_rows(batch, targets)  # in the padded layout
     batch, layout = pack_step_batch(model, batch, cfg)
     if layout is not None:
-        weights = layout.pack(weights, 0.0)
+        weights, ul_at = layout.pack(weights, 0.0), packed_rows(layout, ul_at)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
     text, is_struct = text_rows(batch)
     slots = slot_rows(batch)
-    (text_lse,), slot_lse = step_lse([(head, text)], (head, slots), c.temperature)
+    ul_sets = [(head, ul_at)] if s.duplicate_ul_weight > 0 else []  # weight 0: today's step
+    (text_lse, *ul_lse), slot_lse = step_lse([(head, text), *ul_sets], (head, slots),
+                                             c.temperature)
     ce = text_ce(head, batch, text, text_lse)  # [M]
     token_ce = weighted_mean(ce, weights[text.b, text.t])
     terms, diag = slot_terms(head, slots, batch.coord_bins, slot_lse, c, s.coord_decode_mode,
                              s.softctx_temperature)
     terms["loss/text_gate"] = text_gate_term(head, text, text_lse, _none_like(text), cfg)
+    if ul_sets:
+        terms[UNLIKELIHOOD] = unlikelihood(head, ul_at, ul_tokens, ul_lse[0])
     loss, term_stats = weighted_total(token_ce, terms, objective_weights(cfg, "stage2_ab"),
-                                      num_slots=len(slots), num_text=len(text))
+                                      num_slots=len(slots), num_text=len(text),
+                                      num_unlikely=len(ul_at))
     stats = {"loss/struct_ce": mean_stat(ce, is_struct), "loss/desc_ce": mean_stat(ce, ~is_struct)}
     return StepOutput(loss, stats | term_stats | diag | rollout_stats(targets, seconds))
 

@@ -33,6 +33,7 @@ from coordexp.losses import (
 COORD_REG = ("loss/coord_token_ce", "loss/coord_soft_ce", "loss/coord_w1", "loss/coord_gate",
              "loss/text_gate")
 GEO = ("loss/bbox_smoothl1", "loss/bbox_ciou")
+UNLIKELIHOOD = "loss/duplicate_ul"
 
 
 # -- what a step returns -----------------------------------------------------------------------
@@ -91,6 +92,15 @@ def step_lse(text: list[tuple[Head, Rows]], slots: tuple[Head, Rows],
 def text_ce(head: Head, batch: Batch, at: Rows, lse: Tensor) -> Tensor:
     """Token CE [M] at target rows, given their full-vocabulary lse [M]."""
     return lse - head.label_logits(at, batch.labels[at.b, at.t])
+
+
+def unlikelihood(head: Head, at: Rows, tokens: Tensor, lse: Tensor) -> Tensor:
+    """Mean -log(1 - p(token)) at rows [U] (0 without rows); lse: their full-vocabulary lse.
+    1 - p is the probability of every other token, so -log(1 - p) = lse - lse without the
+    token: exact even where p rounds to 1 in float32."""
+    if len(at) == 0:
+        return lse.new_zeros(())
+    return (lse - head.vocab_lse_without(at, tokens)).mean()
 
 
 def coord_terms(coord_logits: Tensor, vocab_lse: Tensor, target_bins: Tensor, *, sigma: float,
@@ -160,17 +170,22 @@ def objective_weights(cfg: Config, stage: str) -> dict[str, float]:
             "loss/coord_soft_ce": c.soft_ce_weight if c.enabled else 0.0,
             "loss/coord_w1": c.w1_weight if c.enabled else 0.0,
             "loss/coord_gate": s.coord_gate_weight, "loss/text_gate": s.text_gate_weight,
-            "loss/bbox_smoothl1": s.bbox_smoothl1_weight, "loss/bbox_ciou": s.bbox_ciou_weight}
+            "loss/bbox_smoothl1": s.bbox_smoothl1_weight, "loss/bbox_ciou": s.bbox_ciou_weight,
+            UNLIKELIHOOD: s.duplicate_ul_weight}
 
 
 def weighted_total(token_ce: Tensor, terms: dict[str, Tensor], weights: dict[str, float], *,
-                   num_slots: int, num_text: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss, token_ce + coord_reg + geo, and its stats: every unweighted term (per slot,
-    the text gate per text row) plus loss/coord_reg, loss/geo, loss/token_ce and loss."""
+                   num_slots: int, num_text: int, num_unlikely: int = 0
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss, token_ce + coord_reg + geo (+ the duplicate unlikelihood when present), and
+    its stats: every unweighted term (per slot, the text gate per text row, the unlikelihood
+    per event) plus loss/coord_reg, loss/geo, loss/token_ce and loss."""
     coord_reg = sum(weights[k] * terms[k] for k in COORD_REG if k in terms)
     geo = sum(weights[k] * terms[k] for k in GEO)
     loss = token_ce + coord_reg + geo
-    stats = {k: stat(v, num_text if k == "loss/text_gate" else num_slots)
-             for k, v in terms.items()}
+    if UNLIKELIHOOD in terms:
+        loss = loss + weights[UNLIKELIHOOD] * terms[UNLIKELIHOOD]
+    counts = {"loss/text_gate": num_text, UNLIKELIHOOD: num_unlikely}
+    stats = {k: stat(v, counts.get(k, num_slots)) for k, v in terms.items()}
     return loss, stats | {"loss/token_ce": stat(token_ce, 1), "loss/coord_reg": stat(coord_reg, 1),
                           "loss/geo": stat(geo, 1), "loss": stat(loss, 1)}

@@ -1,0 +1,121 @@
+"""Duplicates on the crowded task: does the Channel-B duplicate unlikelihood remove them?
+
+Protocol (CPU, about 60 minutes with the defaults; not part of CI):
+1. draw the crowded synthetic task (`coordexp data synth --preset crowded`);
+2. train one Stage-1 checkpoint (the demo's Stage-1 recipe) for --stage1-minutes and evaluate
+   it: the near-duplicate share of its predictions (`dup_share`) should be >= 5 % for the
+   comparison to mean anything;
+3. from that checkpoint, Stage 2 AB (the demo's recipe) for the same training minutes in two
+   arms, `stage2_ab.duplicate_ul_weight` 0 and --weight, for each of --seeds seeds;
+4. print per arm the mean and spread (sample standard deviation) over seeds of the
+   near-duplicate share, recall, AP50 and F1, raw and guarded (duplicate clusters suppressed).
+Target: dup_share < 0.5 % in the weighted arm with recall at most 0.01 below the weight-0 arm.
+
+    python benchmarks/bench_duplicates.py [--out DIR] [--seeds 3] [--stage1-minutes 30]
+        [--stage2-minutes 4] [--weight 1.0]
+A shortened run (one seed, short budgets) checks that the protocol runs end to end:
+    python benchmarks/bench_duplicates.py --seeds 1 --stage1-minutes 3 --stage2-minutes 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from coordexp.config import load_config
+from coordexp.data.synthetic import CROWDED, synthesize
+from coordexp.demo import RECIPE
+from coordexp.train.loop import train
+
+KEYS = ("rollout/dup_share", "rollout/dup_pairs_per_image", "rollout/dup_hit_max_new_tokens_rate",
+        "rollout/recall", "rollout/precision", "rollout/AP50", "rollout/f1",
+        "rollout/guarded/recall", "rollout/guarded/AP50", "rollout/guarded/f1",
+        "rollout/pred_objects")
+
+
+def last_eval(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "eval"][-1]
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_??????"))[-1]
+
+
+def common(data: Path, out: Path, args) -> list[str]:
+    return [f"data.train={json.dumps(str(data / 'train.jsonl'))}",
+            f"data.val={json.dumps(str(data / 'val.jsonl'))}",
+            f"training.output_dir={json.dumps(str(out))}", f"data.val_limit={args.val}",
+            "training.eval_steps=1000000", "training.save_steps=1000000",
+            f"rollout.max_new_tokens={args.max_new_tokens}"]
+
+
+def stage1(data: Path, out: Path, args) -> Path:
+    cfg = load_config(RECIPE / "stage1.yaml", common(data, out, args) + [
+        "training.max_steps=1000000", f"training.max_minutes={args.stage1_minutes}"])
+    return train(cfg)
+
+
+def stage2(data: Path, out: Path, ckpt: Path, weight: float, seed: int, args) -> Path:
+    cfg = load_config(RECIPE / "stage2_ab.yaml", common(data, out, args) + [
+        f"model.path={json.dumps(str(ckpt))}", f"training.max_minutes={args.stage2_minutes}",
+        f"training.seed={seed}", f"training.run_name=w{weight:g}_seed{seed}",
+        f"stage2_ab.duplicate_ul_weight={weight}"])
+    return train(cfg)
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{mean:.4f} +- {sd:.4f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="", help="work folder (default: a temporary one)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--stage1-minutes", type=float, default=30.0)
+    p.add_argument("--stage2-minutes", type=float, default=4.0)
+    p.add_argument("--weight", type=float, default=1.0, help="duplicate_ul_weight of the arm")
+    p.add_argument("--train", type=int, default=12000, help="training images")
+    p.add_argument("--val", type=int, default=128, help="evaluation images")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--stage1-run", default="",
+                   help="reuse this Stage-1 run directory (its last checkpoint and eval row) "
+                        "instead of training one")
+    args = p.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_dups_"))
+    started = time.perf_counter()
+    synthesize(out / "data", args.train, args.val, seed=0, spec=CROWDED)
+    run1 = Path(args.stage1_run) if args.stage1_run else stage1(out / "data", out, args)
+    base = last_eval(run1)
+    print(f"Stage 1: step {base['step']}, " + ", ".join(
+        f"{k.removeprefix('rollout/')} {base[k]:.4f}" for k in KEYS))
+    print(f"Stage-1 near-duplicate share {base['rollout/dup_share']:.2%} "
+          f"({'>=' if base['rollout/dup_share'] >= 0.05 else '<'} 5%: the checkpoint "
+          f"{'duplicates' if base['rollout/dup_share'] >= 0.05 else 'barely duplicates'})")
+    ckpt = last_checkpoint(run1)
+    results: dict[float, list[dict]] = {0.0: [], args.weight: []}
+    for seed in range(args.seeds):
+        for weight in results:  # the arms alternate, so drifts in machine load hit both
+            row = last_eval(stage2(out / "data", out, ckpt, weight, seed, args))
+            results[weight].append({k: row[k] for k in KEYS} | {"step": row["step"]})
+    print(f"\nStage 2 AB, {args.stage2_minutes:g} training minutes per run, {args.seeds} seed(s),"
+          f" {args.val} val images; mean +- sd over seeds")
+    for key in (*KEYS, "step"):
+        cells = [spread([r[key] for r in rows]) for rows in results.values()]
+        print(f"{key:38s} " + "   ".join(f"w={w:g}: {c}" for w, c in zip(results, cells,
+                                                                          strict=True)))
+    summary = {"stage1": {k: base[k] for k in KEYS} | {"step": base["step"]},
+               "arms": {str(w): rows for w, rows in results.items()}, "args": vars(args),
+               "minutes": (time.perf_counter() - started) / 60}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{summary['minutes']:.1f} min in all; {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
