@@ -395,3 +395,23 @@ def test_packed_channel_b_penalises_the_same_tokens(model, record, collator, mon
     assert packed.stats["loss/duplicate_ul"][1] == padded.stats["loss/duplicate_ul"][1] == 2
     torch.testing.assert_close(packed.stats["loss/duplicate_ul"],
                                padded.stats["loss/duplicate_ul"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
+def test_windowed_duplicate_pairs_equal_the_dense_pairs(threshold):
+    """The x1-window search finds exactly the pairs of the full P x P IoU matrix."""
+    from coordexp.boxes import box_iou
+    from coordexp.eval.duplicates import duplicate_pairs
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 300, (40, 2))
+    boxes = np.concatenate([base, base + rng.uniform(5, 60, (40, 2))], 1)
+    boxes = np.concatenate([boxes, boxes[rng.integers(0, 40, 60)] + rng.normal(0, 2, (60, 4))])
+    boxes[-3:] = boxes[-6:-3]  # exact copies: IoU 1
+    descs = [str(d) for d in rng.integers(0, 3, len(boxes))]
+    descs[-3:] = descs[-6:-3]
+    iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(boxes)).numpy()
+    same = np.array(descs)[:, None] == np.array(descs)[None, :]
+    dense = np.argwhere(np.triu(same & (iou >= threshold), k=1))
+    assert len(dense) > 0
+    assert duplicate_pairs(boxes, descs, threshold).tolist() == dense.tolist()

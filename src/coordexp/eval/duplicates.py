@@ -23,15 +23,30 @@ GUARDED_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_object
 
 
 def duplicate_pairs(boxes_xyxy: np.ndarray, descs: list[str], iou_threshold: float) -> np.ndarray:
-    """[D, 2] index pairs i < j with the same desc and IoU >= iou_threshold; boxes [P, 4]."""
+    """[D, 2] index pairs i < j with the same desc and IoU >= iou_threshold; boxes [P, 4].
+
+    Bounded work: IoU >= t > 0 needs the intersection as wide as t x each box, so in x1 order a
+    partner starts at most (1 - t) x width after a box; only that window of the same desc is
+    scored, never the P x P matrix."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)  # [P, 4]
     if len(descs) < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    xyxy = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float64))  # [P, 4]
-    iou = box_iou(xyxy, xyxy).numpy()  # [P, P]
     codes = {d: i for i, d in enumerate(dict.fromkeys(descs))}
-    ids = np.array([codes[d] for d in descs])  # [P]
-    linked = (ids[:, None] == ids[None, :]) & (iou >= iou_threshold)
-    return np.argwhere(np.triu(linked, k=1))
+    width = np.clip(boxes[:, 2] - boxes[:, 0], 0, None)  # [P]
+    stride = 2 * (np.ptp(boxes[:, 0]) + width.max() + 1)  # keeps descs apart in the sort key
+    key = np.array([codes[d] for d in descs]) * stride + boxes[:, 0]  # [P]
+    order = np.argsort(key, kind="stable")
+    key, reach = key[order], (1 - iou_threshold) * width[order]
+    assert iou_threshold > 0, "a duplicate needs overlap (config keeps the threshold in (0, 1])"
+    ends = np.searchsorted(key, key + reach, side="right")  # [P] window ends
+    sorted_boxes = torch.as_tensor(boxes[order])
+    pairs = []
+    for a in np.flatnonzero(ends > np.arange(len(key)) + 1).tolist():
+        iou = box_iou(sorted_boxes[a:a + 1], sorted_boxes[a + 1:ends[a]])[0].numpy()
+        b = a + 1 + np.flatnonzero(iou >= iou_threshold)
+        pairs.append(np.stack([np.minimum(order[a], order[b]), np.maximum(order[a], order[b])], 1))
+    out = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+    return out[np.lexsort((out[:, 1], out[:, 0]))]
 
 
 def duplicate_clusters(boxes_xyxy: np.ndarray, descs: list[str],
