@@ -17,7 +17,6 @@ from coordexp.train.loop import (
     run_micro_steps,
     train,
 )
-from coordexp.train.step import StepOutput
 
 BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
         "training.effective_batch_size=4", "training.per_device_batch_size=2",
@@ -80,15 +79,15 @@ def test_non_finite_loss_stops_naming_step_and_samples(synth_dir):
 
     records = read_records(synth_dir / "train.jsonl")
 
-    def step_fn(batch, step):
-        return StepOutput(torch.tensor(float("nan"), requires_grad=True), {})
+    def engine(batch, step):
+        return torch.tensor(float("nan"), requires_grad=True), {}
 
     class Autocast:
         def autocast(self):
             return torch.autocast("cpu", enabled=False)
 
     with pytest.raises(NonFiniteLoss, match=r"step 4 \(samples: images/train/"):
-        run_micro_steps(step_fn, DataOrder(len(records), 0, 2), records, 1, 4, Autocast())
+        run_micro_steps(engine, DataOrder(len(records), 0, 2), records, 1, 4, Autocast())
 
 
 CONFIG_ERRORS = {

@@ -19,11 +19,23 @@ from coordexp.errors import UserError
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("llm", "vit", "aligner")  # all linear layers of these parts
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # an HF model directory with the coord tokens (see `coordexp model ...`)
+    # an HF model directory with the coord tokens (see `coordexp model ...`), or an adapter
+    # checkpoint (merged into its base on load)
+    path: str = ""
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
     max_pixels: int = 448 * 448
+    tuning: str = "full"  # full | lora | dora (the 1000 coord rows always train)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,8 @@ class TrainingConfig:
     save_total_limit: int = 2
     metric_for_best: str = "rollout/mAP"
     eval_at_end: bool = True
+    gradient_checkpointing: bool = False  # LLM layers and ViT blocks keep only their inputs
+    distributed: str = "ddp"  # ddp | fsdp (decoder layers and vision blocks as shard units)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,8 @@ CHOICES = {
     "training.mixed_precision": ("no", "bf16", "fp16"),
     "data.field_order": ("desc_first", "geometry_first"),
     "model.coord_embed_init": ("mean", "ordinal"),
+    "model.tuning": ("full", "lora", "dora"),
+    "training.distributed": ("ddp", "fsdp"),
     "stage2_ab.softctx_grad_mode": ("unroll", "em_detach"),
     "stage2_ab.coord_ctx_embed_mode": ("st", "soft", "hard"),
     "stage2_ab.coord_decode_mode": ("exp", "st"),
@@ -171,6 +187,11 @@ def _coerce(value, tp, key: str):
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]")
+                     for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -280,6 +301,13 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     for key, v in positive.items():
         if v < 1:
             raise UserError(f"'{key}' must be >= 1, got {v}")
+    lora = cfg.model.lora
+    if lora.r < 1 or lora.alpha < 1 or not 0.0 <= lora.dropout < 1.0:
+        raise UserError("'model.lora.r' and 'model.lora.alpha' must be >= 1 and "
+                        "'model.lora.dropout' in [0, 1)")
+    if not lora.targets or set(lora.targets) - {"llm", "vit", "aligner"}:
+        raise UserError(f"'model.lora.targets' must be a non-empty list of llm, vit, aligner; "
+                        f"got {list(lora.targets)}")
     if not 0.0 <= s.schedule.b_ratio <= 1.0:
         raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
     if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:
@@ -312,4 +340,10 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Plain YAML/JSON types: tuples become lists."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return plain(dataclasses.asdict(cfg))

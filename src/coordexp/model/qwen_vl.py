@@ -49,19 +49,29 @@ def model_family(model_dir: str | Path) -> str:
 
 
 def load_vlm(model_dir: str | Path, dtype=None):
-    """(model, processor, family) from a saved HF directory; fails clearly if it is incomplete."""
+    """(model, processor, family) from a saved HF directory, or from an adapter checkpoint
+    (merged into its base here); fails clearly if it is incomplete."""
+    from coordexp.model.tuning import ADAPTER_CONFIG, adapter_base, merge_adapter
+
     model_dir = Path(model_dir)
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        base, _, family = load_vlm(adapter_base(model_dir), dtype)
+        return merge_adapter(base, model_dir), load_processor(model_dir, family), family
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
     family = model_family(model_dir)
-    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
-    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-    processor = build_processor(family, tokenizer, image_processor)
+    processor = load_processor(model_dir, family)
     try:
         model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError) as e:  # truncated / missing safetensors
         raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
     return model, processor, family
+
+
+def load_processor(model_dir: Path, family: str):
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    return build_processor(family, tokenizer, image_processor)
 
 
 def save_vlm(model, processor, out_dir: str | Path) -> None:

@@ -19,7 +19,12 @@ EVAL_KEYS = ("mAP", "AP50", "AP75", "f1", "precision", "recall", "pred_objects",
 
 
 def evaluate_model(model, processor, records: list[Record], cfg: Config) -> tuple[dict, list]:
-    preds = predict_records(model, processor, records, cfg)
+    return score_predictions(records, predict_records(model, processor, records, cfg), cfg)
+
+
+def score_predictions(records: list[Record], preds: list[dict], cfg: Config
+                      ) -> tuple[dict, list]:
+    """`rollout/*` metrics and monitor-dump samples of predictions, one per record."""
     ev = evaluate_detections(records, preds, iou_gate=cfg.rollout.iou_gate,
                              candidate_top_k=cfg.rollout.candidate_top_k,
                              fp_cost=cfg.rollout.fp_cost, fn_cost=cfg.rollout.fn_cost,
