@@ -35,16 +35,17 @@ GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> dict:
+    """Plain Python values (they travel through all_gather_object and weights_only loads)."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_pos": random.getstate()[2], "numpy_keys": torch.from_numpy(np_state[1].copy()),
+    return {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
+            "python_pos": random.getstate()[2], "numpy_keys": np_state[1].tolist(),
             "numpy_pos": int(np_state[2])}
 
 
 def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
     random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
+    np.random.set_state(("MT19937", np.array(s["numpy_keys"], dtype=np.uint32), s["numpy_pos"],
                          0, 0.0))
 
 

@@ -204,23 +204,11 @@ def track_best(state: TrainState, metrics: dict | None, key: str) -> None:
 
 
 def make_evaluator(cfg, engine, processor, val_records, run_dir, log, rank: int, world: int):
-    """Every rank rolls out its share of the validation records; the main process scores the
-    gathered predictions (in the one-process order) and every rank gets the metrics."""
+    """evaluate(step) -> metrics on every rank; the main process logs them and the dump."""
 
     def evaluate(step: int) -> dict | None:
-        from coordexp.train.evaluation import score_predictions
-
-        # rollouts run a data-dependent number of forwards per rank: under FSDP the weights
-        # are gathered once for all of them (no collective inside generation)
-        with full_parameters(engine), torch.no_grad():
-            model = hf_model(inner(engine).model)
-            mine = shard_records(val_records, cfg.rollout.batch_size, rank, world)
-            preds = predict_records(model, processor, [val_records[i] for i in mine], cfg,
-                                    progress=rank == 0)
-        preds = gather_in_order(preds, mine, len(val_records), world)
-        metrics = None
+        metrics, samples = evaluate_distributed(engine, processor, val_records, cfg, rank, world)
         if rank == 0:
-            metrics, samples = score_predictions(val_records, preds, cfg)
             log.log(step, "eval", metrics)
             if cfg.monitor_dump.enabled:
                 write_monitor_dump(run_dir, step, metrics, samples, cfg.monitor_dump.max_samples)
@@ -231,6 +219,23 @@ def make_evaluator(cfg, engine, processor, val_records, run_dir, log, rank: int,
         return metrics
 
     return evaluate
+
+
+def evaluate_distributed(engine, processor, val_records, cfg, rank: int, world: int):
+    """Every rank rolls out its share of the validation records; the main process scores the
+    gathered predictions, in record order, exactly as one process would: (metrics, samples)
+    there, (None, None) elsewhere."""
+    from coordexp.train.evaluation import score_predictions
+
+    mine = shard_records(val_records, cfg.rollout.batch_size, rank, world)
+    # rollouts run a data-dependent number of forwards per rank: under FSDP the weights are
+    # gathered once for all of them (no collective inside generation)
+    with full_parameters(engine), torch.no_grad():
+        preds = predict_records(hf_model(inner(engine).model), processor,
+                                [val_records[i] for i in mine], cfg, progress=rank == 0)
+    # one object gather puts every rank's predictions back in record order
+    preds = gather_in_order(preds, mine, len(val_records), world)
+    return score_predictions(val_records, preds, cfg) if rank == 0 else (None, None)
 
 
 def shard_records(records: list, batch_size: int, rank: int, world: int) -> list[int]:
