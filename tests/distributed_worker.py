@@ -2,7 +2,7 @@
 same two processes (one process-group start for all of them).
 
 A job is {"train": [overrides], "resume": ""} or {"eval": MODEL_DIR, "overrides": [...],
-"out": METRICS_JSON} (the FSDP engine around a saved model, distributed evaluation)."""
+"out": JSON} (the FSDP engine around a saved model, distributed evaluation)."""
 
 import json
 import sys
@@ -24,10 +24,10 @@ def run_eval(job: dict) -> None:
     model, processor, _ = load_vlm(job["eval"])
     engine = wrap(StepModule(model, None), "fsdp", accelerator.num_processes, torch.device("cpu"))
     records = read_records(cfg.data.val)
-    metrics, _ = evaluate_distributed(engine, processor, records, cfg,
-                                      accelerator.process_index, accelerator.num_processes)
+    metrics, samples = evaluate_distributed(engine, processor, records, cfg,
+                                            accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
-        Path(job["out"]).write_text(json.dumps(metrics))
+        Path(job["out"]).write_text(json.dumps({"metrics": metrics, "samples": samples}))
 
 
 def main(jobs_file: str) -> None:

@@ -34,7 +34,7 @@ def adapted(tok, family: str, tuning: str, tied: bool = True, base_dir=None):
     peft_model = apply_tuning(model, ModelConfig(tuning=tuning), ids, base_dir or ".")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return peft_model

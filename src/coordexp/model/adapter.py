@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.utils.other import TrainableTokensWrapper
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from peft.utils.other import TrainableTokensWrapper
 from transformers import DynamicCache
 
 
