@@ -116,8 +116,9 @@ def test_two_processes_match_one_in_losses_and_weights(two, one, case):
     assert len(multi_rows) == len(single_rows) == 3
     for a, b in zip(multi_rows, single_rows, strict=True):
         assert a.keys() == b.keys()
-        for key in ("loss", "loss/token_ce", "loss/coord_soft_ce", "grad_norm"):
+        for key in ("loss", "loss/token_ce", "loss/coord_soft_ce"):
             assert abs(a[key] - b[key]) <= 1e-5, key
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # a norm of ~10
         assert a["coord_diag/coord_tokens"] == b["coord_diag/coord_tokens"]
     got, want = weights(multi, 3), weights(single, 3)
     assert got.keys() == want.keys()

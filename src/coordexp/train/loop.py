@@ -98,6 +98,8 @@ def run_micro_steps(engine, order: DataOrder, records, gas: int, step: int, acce
 def train(cfg: Config, *, resume: str = "") -> Path:
     """Train per the config; returns the run directory."""
     t = cfg.training
+    # the process group (from torchrun's environment), the device and autocast; the engine
+    # around the model is torch's own (train/engine.py)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
@@ -110,6 +112,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
                         "training.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the same seed on every rank: a tiny model's weights and fresh LoRA weights come out
+    # identical everywhere without a broadcast (FSDP shards what each rank built)
     torch.manual_seed(t.seed)
     train_records = read_records(cfg.data.train)
     if not train_records:
