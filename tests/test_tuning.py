@@ -212,3 +212,17 @@ def test_merge_of_a_missing_checkpoint_is_a_user_error(tmp_path, capsys):
     assert main(["model", "merge", "--src", str(tmp_path / "nope"), "--dst",
                  str(tmp_path / "out")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.tuning=qlora", "model.tuning"),
+    ("model.lora.targets=[llm,lm_head]", "model.lora.targets"),
+    ("model.lora.targets=llm", "model.lora.targets"),
+    ("model.lora.r=0", "model.lora.r"),
+    ("training.distributed=deepspeed", "training.distributed")])
+def test_tuning_config_errors_exit_2_naming_the_key(tmp_path, capsys, override, key):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  init_tiny: qwen2_5_vl\ndata:\n  train: x.jsonl\n")
+    assert main(["train", str(cfg), override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
