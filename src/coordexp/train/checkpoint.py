@@ -88,7 +88,17 @@ def write_weights(model, weights: dict, out_dir: Path) -> None:
     if is_adapter(model):
         save_adapter(model, out_dir, weights)
     else:
-        hf_model(model).save_pretrained(out_dir, state_dict=weights)
+        tied = tied_duplicates(model)
+        hf_model(model).save_pretrained(
+            out_dir, state_dict={k: v for k, v in weights.items() if k not in tied})
+
+
+def tied_duplicates(model) -> set[str]:
+    """Names of parameters that are another name's tensor (a tied head). Gathered state dicts
+    hold separate copies, which transformers would then write twice."""
+    first: dict[int, str] = {}
+    return {name for name, p in model.named_parameters(remove_duplicate=False)
+            if first.setdefault(id(p), name) != name}
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, order) -> dict:
