@@ -4,8 +4,8 @@ checkpointing off vs on, and FSDP on 2 ranks vs 1.
 The model has Qwen3-VL-2B's published widths (LLM hidden 2048, MLP 6144, 16 heads / 8 KV heads
 of 128, vocabulary 151936, tied head; ViT width 1024, MLP 4096, 16 heads, patch 16, merge 2,
 2304 position embeddings) but only `--layers` decoder layers and `--vision-depth` ViT blocks, so
-it fits a small CPU machine. The sample: one 1024 px image (1024 image tokens) and a long answer,
-about 2k tokens. Measured, in one run:
+it fits a small CPU machine. The sample: one 512 px image (256 image tokens, 1024 ViT patches)
+and an answer of ~210 objects, about 2k tokens. Measured, in one run:
 - parameters (trainable and total), and bytes of parameters, gradients and AdamW state after
   one optimizer step, per rank;
 - activations kept for backward: autograd's saved tensors during the forward, one count per
@@ -46,8 +46,8 @@ from coordexp.train.stage1 import stage1_step
 
 SEED_COORD = CoordSoftCEW1Config(soft_ce_weight=1.0, w1_weight=3.0, gate_weight=5.0,
                                  temperature=0.9, target_sigma=1.5, target_truncate=8)
-LONG = SynthSpec(image_size=1024, min_objects=110, max_objects=120, min_size_frac=0.02,
-                 max_size_frac=0.05, crowded_share=0.0)
+LONG = SynthSpec(image_size=512, min_objects=200, max_objects=220, min_size_frac=0.02,
+                 max_size_frac=0.04, crowded_share=0.0)
 SHORT = SynthSpec(image_size=64, min_objects=1, max_objects=1)
 MiB = 2**20
 
@@ -75,7 +75,7 @@ def build(args, tuning: str, base_dir: Path):
     model = apply_tuning(model, ModelConfig(tuning=tuning, lora=LoraSettings(r=16, alpha=32)),
                          coord_ids, base_dir).train()
     collator = Collator(build_processor("qwen3_vl", tok, build_image_processor(
-        "qwen3_vl", max_pixels=1024 * 1024)))
+        "qwen3_vl", max_pixels=512 * 512)))
     return model, collator, torch.tensor(coord_ids)
 
 
@@ -172,7 +172,7 @@ def report(rows: dict[str, dict], fsdp: dict, args) -> None:
     full = rows["full"]
     tokens = full["tokens"]
     print(f"\nQwen3-VL-2B widths, {args.layers} decoder layers, {args.vision_depth} ViT blocks; "
-          f"Stage-1 step on one sample of {tokens} tokens (one 1024 px image)")
+          f"Stage-1 step on one sample of {tokens} tokens (one 512 px image)")
     print(f"{'tuning':>6} | {'trainable':>11} | {'of total':>8} | {'params MiB':>10} | "
           f"{'grads MiB':>9} | {'AdamW MiB':>9} | {'act off MiB':>11} | {'act on MiB':>10} | "
           f"{'on/off':>6} | {'disk MiB':>8}")
