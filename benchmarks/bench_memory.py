@@ -20,7 +20,6 @@ and an answer of ~210 objects, about 2k tokens. Measured, in one run:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import socket
@@ -112,7 +111,7 @@ def saved_bytes(model, step) -> int:
 
 def one_rank(args, tuning: str, long_records, short_records, tmp: Path) -> dict:
     """Counts, optimizer-step bytes and kept activations (checkpointing off, on) of one tuning."""
-    model, collator, coord_ids = build(args, tuning, tmp / "base")
+    model, collator, coord_ids = build(args, tuning, tmp.parent / "base")
     hf, cfg = hf_model(model), Config(coord_soft_ce_w1=SEED_COORD)
     row = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "total": sum(p.numel() for p in model.parameters())}
@@ -136,6 +135,30 @@ def one_rank(args, tuning: str, long_records, short_records, tmp: Path) -> dict:
     return row
 
 
+def one_rank_worker(args) -> None:
+    """In a subprocess: one tuning's row as JSON (the memory is returned when it exits)."""
+    data = Path(args.one_rank)
+    row = one_rank(args, args.tuning, read_records(data / "long" / "train.jsonl"),
+                   read_records(data / "short" / "train.jsonl"), data / args.tuning)
+    print("ROW " + json.dumps(row))
+
+
+def run_worker(flags: list[str], args, nproc: int = 1) -> dict:
+    """The JSON row a worker (this file, under torchrun when nproc > 1) prints."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={port}"] if nproc > 1 else []
+    result = subprocess.run(
+        [sys.executable, *launcher, __file__, *flags, "--layers", str(args.layers),
+         "--vision-depth", str(args.vision_depth), "--threads", str(args.threads)],
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads if nproc == 1 else 1)},
+        capture_output=True, text=True, check=True)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("ROW "))
+    return json.loads(line.removeprefix("ROW "))
+
+
 def fsdp_worker(args) -> None:
     """Under torchrun: the full-tuning model sharded by FSDP2 over the ranks, one step."""
     from accelerate import Accelerator
@@ -152,20 +175,7 @@ def fsdp_worker(args) -> None:
     optimizer.step()
     row = state_bytes(model, optimizer)
     if accelerator.is_main_process:
-        print("FSDP_ROW " + json.dumps(row))
-
-
-def fsdp_two_ranks(short_dir: Path, args) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={port}", __file__, "--fsdp-worker", str(short_dir),
-         "--layers", str(args.layers), "--vision-depth", str(args.vision_depth)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=True)
-    line = next(x for x in result.stdout.splitlines() if x.startswith("FSDP_ROW "))
-    return json.loads(line.removeprefix("FSDP_ROW "))
+        print("ROW " + json.dumps(row))
 
 
 def report(rows: dict[str, dict], fsdp: dict, args) -> None:
@@ -204,21 +214,21 @@ def main() -> None:
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fsdp-worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--one-rank", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--tuning", default="full", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.fsdp_worker:
         return fsdp_worker(args)
-    torch.set_num_threads(args.threads)
+    if args.one_rank:
+        return one_rank_worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthesize(tmp / "long", 1, 0, seed=1, spec=LONG)
         synthesize(tmp / "short", 2, 0, seed=1, spec=SHORT)
-        long_records = read_records(tmp / "long" / "train.jsonl")
-        short_records = read_records(tmp / "short" / "train.jsonl")
-        rows = {}
-        for tuning in ("full", "lora", "dora"):
-            rows[tuning] = one_rank(args, tuning, long_records, short_records, tmp)
-            gc.collect()
-        report(rows, fsdp_two_ranks(tmp / "short", args), args)
+        rows = {tuning: run_worker(["--one-rank", str(tmp), "--tuning", tuning], args)
+                for tuning in ("full", "lora", "dora")}
+        report(rows, run_worker(["--fsdp-worker", str(tmp / "short")], args, nproc=2), args)
 
 
 if __name__ == "__main__":
