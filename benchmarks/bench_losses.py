@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from coordexp.codec import CoordCodec
@@ -33,7 +34,6 @@ from coordexp.losses import (
     coord_w1,
     text_gate,
     text_gate_from_lse,
-    token_ce,
     weighted_mean,
 )
 
@@ -79,7 +79,8 @@ def naive_objective(x: dict) -> Tensor:
     terms = box_terms(logits[coord_rows][:, coord_ids], x["coord_bins"])
     terms["gate"] = coord_gate(logits[coord_rows], coord_ids)
     terms["text_gate"] = text_gate(logits[x["text_rows"]], coord_ids)
-    return token_ce(logits, labels) + sum(WEIGHTS[k] * v for k, v in terms.items())
+    token_ce = F.cross_entropy(logits, labels, ignore_index=-100)
+    return token_ce + sum(WEIGHTS[k] * v for k, v in terms.items())
 
 
 def lean_objective(x: dict) -> Tensor:

@@ -13,7 +13,7 @@ from coordexp.config import (
     ScheduleConfig,
     Stage2ABConfig,
 )
-from coordexp.data.collate import COORD, DESC, STRUCT, Collator
+from coordexp.data.collate import COORD, DESC, DESC_VALUE_RE, STRUCT, Collator
 from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_object
 from coordexp.diagnostics import finalize_stats
@@ -23,7 +23,7 @@ from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.rollout import Rollout
 from coordexp.train import stage2
 from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
-from coordexp.train.stage2 import channel_b_step, make_stage2_step
+from coordexp.train.stage2 import Stage2Step, channel_b_step
 
 CODEC = CoordCodec()
 # a 1000 x 1000 image: pixel coordinates are bins (round(999 x / 999) = x)
@@ -119,45 +119,79 @@ def token_spans(target, tokenizer):
     return spans
 
 
+FP2 = obj("yellow star", [700, 800, 750, 850])  # another false positive
+# token class -> (type, CE weight, target bin: "gt" = the matched / appended GT object's bin)
+EXPECTED = {
+    "container": (0, 0.0, -1),  # the rollout's own `{"objects": [`
+    "matched_struct": (STRUCT, 1.0, -1),  # keys and punctuation of the matched object
+    "matched_desc": (0, 0.0, -1),  # its desc: no CE on a prediction's wording
+    "matched_coord": (COORD, 0.0, "gt"),  # its 4 slots, towards the matched GT's bins
+    "separator": (0, 0.0, -1),  # a `, ` alone between two kept objects
+    "false_positive": (0, 0.0, -1),  # FP objects, and tokens merged into them: neutral
+    "dropped": (0, 0.0, -1),  # a dropped (wrong-arity) object between kept ones
+    "appended_struct": (STRUCT, 2.0, -1),  # the multiplier (a drop happened), applied once
+    "appended_desc": (DESC, 0.5, -1),  # desc_ce_weight
+    "appended_coord": (COORD, 0.0, "gt"),
+    "end_of_turn": (STRUCT, 2.0, -1),
+}
+
+
+def token_class(span, piece, regions, tail_descs, is_last) -> str:
+    """The class of one answer token from the regions its characters fall in."""
+    if is_last:
+        return "end_of_turn"
+    coord = CODEC.parse_token(piece) is not None
+    if "tail" in regions:
+        if coord:
+            return "appended_coord"
+        desc = any(span[0] < e and span[1] > s for s, e in tail_descs)
+        return "appended_desc" if desc else "appended_struct"
+    if regions == {"matched"} and coord:
+        return "matched_coord"
+    if "matched_desc" in regions:
+        return "matched_desc"
+    if "matched" in regions and regions <= {"matched", "separator"}:
+        return "matched_struct"
+    for name in ("false_positive", "dropped", "separator", "container"):
+        if name in regions:
+            return name
+    raise AssertionError(f"unclassified token {piece!r} in {regions}")
+
+
 def test_masks_of_every_token_class(record, collator):
-    text = f'{{"objects": [{A_NEAR}, {BROKEN}, {FP}, {{"desc": "tru'
+    """Every token of a rollout with a matched object, a separator, a false positive, a
+    dropped object between kept ones and a truncated tail, checked against EXPECTED."""
+    text = f'{{"objects": [{A_NEAR}, {FP}, {BROKEN}, {FP2}, {{"desc": "tru'
     target = build_target(rollout_of(text, collator.tokenizer), record, collator,
                           config(multiplier=2.0, desc_weight=0.5))
-    spans = token_spans(target, collator.tokenizer)
-    a_start = text.index(A_NEAR)
-    a_end, a_desc = a_start + len(A_NEAR), text.index("red circle")
-    desc_end = a_desc + len("red circle")
-    prefix_end = text.index(FP) + len(FP)  # the last kept object is the FP
-    rows = list(zip(spans, target.ids, target.types, target.weights, target.target_bins,
-                    strict=False))
-    for (s, e), _, kind, weight, target_bin in rows:
-        if e <= prefix_end:  # the rollout's own prefix
-            inside_a = a_start <= s and e <= a_end
-            if kind != 0:
-                assert s < a_end and e > a_start, "only the matched object is supervised"
-            if kind == STRUCT:
-                assert weight == 1.0 and not (s < desc_end and e > a_desc)  # no desc CE
-            if inside_a and CODEC.parse_token(text[s:e]) is not None:
-                assert kind == COORD and target_bin == GT["A"][1][[105, 98, 210, 205].index(
-                    CODEC.parse_token(text[s:e]))]
-            if e > a_end:  # anything reaching into the dropped or the FP object: neutral
-                assert kind == 0 and weight == 0.0 and target_bin == -1
-    coords = [b for (_, _, k, _, b) in rows if k == COORD]
-    assert coords[:4] == GT["A"][1]  # geometry targets: the matched GT bins
-    tail = rows[next(i for i, r in enumerate(rows) if r[0][0] >= prefix_end):]
-    fragment = target.text[prefix_end:]
-    assert fragment == f", {C}, {B}]}}"
-    for (s, e), _, kind, weight, target_bin in tail:
+    prefix_end = text.index(FP2) + len(FP2)  # the last kept object
+    assert target.text == text[:prefix_end] + f", {C}, {B}]}}"
+    region = ["tail"] * len(target.text)
+    marks = [("container", 0, text.index(A_NEAR)), ("matched", text.index(A_NEAR), len(A_NEAR)),
+             ("matched_desc", text.index("red circle"), len("red circle")),
+             ("separator", text.index(A_NEAR) + len(A_NEAR), 2),
+             ("false_positive", text.index(FP), len(FP) + 2),
+             ("dropped", text.index(BROKEN), len(BROKEN) + 2),
+             ("false_positive", text.index(FP2), len(FP2))]
+    for name, start, size in marks:
+        region[start:start + size] = [name] * size
+    tail_descs = [m.span(1) for m in DESC_VALUE_RE.finditer(target.text, prefix_end)]
+    appended = iter(GT["C"][1] + GT["B"][1])
+    matched = iter(GT["A"][1])
+    spans = token_spans(target, collator.tokenizer) + [(len(target.text),) * 2]
+    seen = set()
+    for i, (s, e) in enumerate(spans):
         piece = target.text[s:e]
-        if CODEC.parse_token(piece) is not None:
-            assert kind == COORD and weight == 0.0 and target_bin == CODEC.parse_token(piece)
-        elif kind == DESC:
-            assert weight == 0.5
-        else:
-            assert kind == STRUCT and weight == 2.0  # the multiplier, applied once
-    assert coords[4:] == GT["C"][1] + GT["B"][1]
-    assert target.types[-1] == STRUCT and target.weights[-1] == 2.0  # end of turn supervised
-    assert any(k == DESC for (_, _, k, _, _) in tail)
+        name = token_class((s, e), piece, set(region[s:e]), tail_descs, i == len(spans) - 1)
+        kind, weight, bin_ = EXPECTED[name]
+        if bin_ == "gt":
+            bin_ = next(matched if name == "matched_coord" else appended)
+        got = (target.types[i], target.weights[i], target.target_bins[i])
+        assert got == (kind, weight, bin_), (i, piece, name)
+        seen.add(name)
+    assert next(matched, None) is None and next(appended, None) is None  # every slot seen
+    # the separator and the container may merge into neighbouring tokens in this BPE
+    assert set(EXPECTED) - seen <= {"separator", "container"}
 
 
 def test_without_drops_the_tail_weight_is_one(record, collator):
@@ -240,8 +274,7 @@ def test_real_rollouts_feed_a_step_and_the_schedule_routes_channels(model, recor
     """b_ratio 0.5: step 0 is Channel A, step 1 Channel B with the tiny model's own rollouts."""
     cfg = Config(stage2_ab=Stage2ABConfig(schedule=ScheduleConfig(b_ratio=0.5)),
                  rollout=RolloutConfig(max_new_tokens=6, batch_size=2))
-    step_fn = make_stage2_step(model, collator, cfg,
-                               torch.tensor(CODEC.token_ids(collator.tokenizer)))
+    step_fn = Stage2Step(model, collator, cfg, torch.tensor(CODEC.token_ids(collator.tokenizer)))
     with torch.no_grad():
         a, b = step_fn([record, record], 0), step_fn([record, record], 1)
     assert finalize_stats(a.stats)["stage2/channel_a"] == 1.0

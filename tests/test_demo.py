@@ -39,3 +39,22 @@ def test_demo_refuses_to_overwrite_and_bad_minutes(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "x"), "--minutes", "0"]) == 2
     err = capsys.readouterr().err
     assert "already holds a demo run" in err and "--minutes must be > 0" in err
+
+
+def test_configs_demo_reproduce_each_demo_stage():
+    """configs/demo/*.yaml are the demo's own recipe, plus the demo's data paths."""
+    from dataclasses import replace
+
+    from coordexp.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "demo"
+    data = ['data.train="demo_run/data/train.jsonl"', 'data.val="demo_run/data/val.jsonl"',
+            'training.output_dir="runs/demo"']
+    stage1 = load_config(root / "stage1.yaml")
+    assert stage1 == load_config(demo.RECIPE / "stage1.yaml", data)
+    ckpt = ["model.path=runs/demo/stage1/checkpoints/step_006000"]
+    stage2 = load_config(root / "stage2_ab.yaml", ckpt)
+    packaged = load_config(demo.RECIPE / "stage2_ab.yaml", data + ckpt)
+    assert stage2 == replace(packaged, training=replace(packaged.training, max_minutes=2.5))
+    assert (stage1.training.stage, stage2.training.stage) == ("stage1", "stage2_ab")
+    assert stage2.stage2_ab.schedule.b_ratio == 0.5 and stage2.model.init_tiny == ""

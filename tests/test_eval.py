@@ -14,7 +14,7 @@ from coordexp.data.records import DetObject, Record, read_records
 from coordexp.errors import UserError
 from coordexp.eval import METRIC_KEYS, evaluate_detections, evaluate_records
 from coordexp.eval.coco_map import DescMapper, semantic_available
-from coordexp.eval.scores import box_scores
+from coordexp.eval.predictions import box_scores
 from coordexp.parsing import ObjectTokens
 
 CODEC = CoordCodec()

@@ -21,8 +21,6 @@ from coordexp.losses import (
     gaussian_targets,
     text_gate,
     text_gate_from_lse,
-    token_ce,
-    token_weights,
     weighted_mean,
 )
 
@@ -155,42 +153,18 @@ def test_text_gate_is_finite_when_all_mass_is_on_coord_tokens():
     assert torch.isfinite(text_gate(vocab_logits, torch.arange(3)))
 
 
-# -- token CE --------------------------------------------------------------------------------
-def test_token_ce_with_unit_weights_equals_cross_entropy_ignore_index():
-    gen = torch.Generator().manual_seed(7)
-    logits = torch.randn(2, 9, 31, generator=gen)
-    labels = torch.randint(0, 31, (2, 9), generator=gen)
-    labels[0, :3] = -100
-    labels[1, 7] = -100
-    expected = F.cross_entropy(logits.reshape(-1, 31), labels.reshape(-1), ignore_index=-100)
-    assert_close(token_ce(logits, labels), expected)
-    assert_close(token_ce(logits, labels, torch.ones(2, 9)), expected)
+# -- weighting -------------------------------------------------------------------------------
+def test_weighted_mean_is_sum_of_weighted_values_over_weight_sum():
+    values, weights = torch.tensor([1.0, 2.0, 4.0, 8.0]), torch.tensor([1.0, 0.5, 0.0, 2.0])
+    assert_close(weighted_mean(values, weights), torch.tensor((1 + 1 + 16) / 3.5))
 
 
-def test_token_ce_is_weighted_mean_of_per_token_ce():
-    gen = torch.Generator().manual_seed(8)
-    logits, labels = torch.randn(6, 11, generator=gen), torch.tensor([1, 2, 3, -100, 5, 6])
-    weights = torch.tensor([1.0, 0.5, 2.0, 9.0, 0.0, 1.0])
-    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    keep = weights * (labels != -100)
-    assert_close(token_ce(logits, labels, weights), (keep * ce).sum() / keep.sum())
-
-
-def test_token_weights_from_type_masks():
-    struct = torch.tensor([True, False, False, True])
-    desc = torch.tensor([False, True, False, False])
-    coord = torch.tensor([False, False, True, False])
-    masks = {"struct": struct, "desc": desc, "coord": coord}
-    weights = token_weights(masks, {"struct": 1.0, "desc": 0.5})
-    assert_close(weights, torch.tensor([1.0, 0.5, 0.0, 1.0]))
-
-
-def test_token_ce_without_weight_is_zero_with_graph():
-    logits = torch.randn(3, 7, requires_grad=True)
-    loss = token_ce(logits, torch.tensor([1, 2, 3]), torch.zeros(3))
+def test_weighted_mean_without_weight_is_zero_with_graph():
+    values = torch.randn(3, requires_grad=True)
+    loss = weighted_mean(values, torch.zeros(3))
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
-    assert_close(logits.grad, torch.zeros_like(logits))
+    assert_close(values.grad, torch.zeros_like(values))
     assert weighted_mean(torch.ones(0), torch.ones(0)).item() == 0.0
 
 
@@ -269,7 +243,6 @@ EMPTY_CASES = {
     "hard_ce": lambda s: coord_hard_ce(s, torch.zeros(0, dtype=torch.long)),
     "gate": lambda s: coord_gate(s, torch.tensor([0, 1])),
     "text_gate": lambda s: text_gate(s, torch.tensor([0, 1])),
-    "token_ce": lambda s: token_ce(s, torch.zeros(0, dtype=torch.long)),
     "smoothl1": lambda s: bbox_smoothl1(s[:, :4], s[:, :4].detach()),
     "ciou": lambda s: bbox_ciou(s[:, :4], s[:, :4].detach()),
 }

@@ -39,6 +39,12 @@ CASES = {
     "bad_coord_token": (good(objects=[{"desc": "c", "bbox_2d": ["<|coord_1|>"] * 3 +
                                        ["<|coord_1000|>"]}]), "invalid coord token"),
     "missing_image": (good(images=["nope.png"]), "not found"),
+    "second_geometry": (good(objects=[{"desc": "c", "bbox_2d": [1, 2, 30, 40],
+                                       "poly": [1, 2, 30, 2, 30, 40]}]), "unknown key 'poly'"),
+    "mask_rle": (good(objects=[{"desc": "c", "bbox_2d": [1, 2, 30, 40], "mask_rle": "x"}]),
+                 "object 0: unknown key 'mask_rle'"),
+    "difficult_not_bool": (good(objects=[{"desc": "c", "bbox_2d": [1, 2, 30, 40],
+                                          "difficult": 1}]), "'difficult' must be true or false"),
 }
 
 
@@ -64,6 +70,16 @@ def test_write_then_read_is_identity_and_keeps_extra_keys(folder):
     write_records(out, records)
     assert read_records(out) == records
     assert json.loads(out.read_text().splitlines()[0])["image_id"] == 7
+
+
+def test_difficult_flag_round_trips_and_is_written_only_when_set(folder):
+    objs = [{"desc": "cat", "bbox_2d": [1, 2, 30, 40], "difficult": True},
+            {"desc": "dog", "bbox_2d": [1, 2, 30, 40], "difficult": False}]
+    records = read_records(write_lines(folder, [good(objects=objs)]))
+    assert [o.difficult for o in records[0].objects] == [True, False]
+    write_records(folder / "copy.jsonl", records)
+    line = json.loads((folder / "copy.jsonl").read_text())
+    assert line["objects"] == [objs[0], {"desc": "dog", "bbox_2d": [1, 2, 30, 40]}]
 
 
 def test_missing_file_is_a_user_error(tmp_path):

@@ -1,19 +1,18 @@
-"""Rollouts on tiny models: batching, stopping, raw log-probs, the CoordJSON grammar, infer."""
+"""Rollouts on tiny models: batching, stopping, raw log-probs, the CoordJSON grammar,
+predictions."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from coordexp import predict
-from coordexp.cli import main
 from coordexp.codec import CoordCodec
 from coordexp.config import Config, EvalConfig, RolloutConfig
+from coordexp.data.collate import load_image
 from coordexp.data.records import Record, read_records
 from coordexp.data.render import render_record
-from coordexp.eval.scores import box_scores
+from coordexp.eval.predictions import box_scores
 from coordexp.grammar import coordjson_grammar, decode_pieces, token_table
 from coordexp.model.qwen_vl import load_vlm
 from coordexp.parsing import parse_coordjson, parse_coordjson_tokens
@@ -182,7 +181,7 @@ def test_logprobs_are_raw_and_match_teacher_forcing(vlm, mixed_records, cfg):
     record = mixed_records[1]
     ro = generate_rollouts(model, processor, [record], RolloutConfig(max_new_tokens=20, **cfg),
                            progress=False, seed=3)[0]
-    inputs = prompt_batch(processor, [record], model.device, model.dtype)
+    inputs = prompt_batch(processor, [load_image(record)], model.device, model.dtype)
     p, new = inputs["input_ids"].shape[1], torch.tensor([ro.token_ids])
     inputs["input_ids"] = torch.cat([inputs["input_ids"], new], 1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -209,7 +208,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(vlm, mixed_records):
 def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
     model, processor = vlm
     cfg = Config(rollout=RolloutConfig(max_new_tokens=32, constrained=True, do_sample=True))
-    preds = predict_records(model, processor, mixed_records, cfg, progress=False)
+    preds = [p.to_line() for p in predict_records(model, processor, mixed_records, cfg,
+                                                  progress=False)]
     ro = generate_rollouts(model, processor, mixed_records, cfg.rollout, progress=False,
                            seed=cfg.training.seed)
     assert sum(len(p["objects"]) for p in preds) > 0
@@ -221,45 +221,4 @@ def test_predictions_carry_pixel_boxes_and_token_scores(vlm, mixed_records):
         assert [o["bbox_2d"] for o in pred["objects"]] == [
             CoordCodec().box_bins_to_px(o["bbox_2d"], rec.width, rec.height)
             for o in parsed.objects]
-        assert all(o["score"] == 1.0 for o in prediction(rec, r, constant)["objects"])
-
-
-@pytest.mark.parametrize("field_order", ["desc_first", "geometry_first"])
-def test_infer_writes_predictions_that_eval_accepts(tiny_dir, synth_dir, tmp_path, capsys,
-                                                    monkeypatch, field_order):
-    """--field-order reaches the grammar and the parser (a spy on generate_rollouts; greedy
-    untrained rollouts close the array at once, so their text cannot show the order)."""
-    seen = []
-
-    def spy(*args, field_order, **kwargs):
-        seen.append(field_order)
-        return generate(*args, field_order=field_order, **kwargs)
-
-    generate = predict.generate_rollouts
-    monkeypatch.setattr(predict, "generate_rollouts", spy)
-    pred = tmp_path / "out" / "pred.jsonl"
-    assert main(["infer", "--model", str(tiny_dir / "qwen2_5_vl"), "--data",
-                 str(synth_dir / "val.jsonl"), "--out", str(pred), "--batch-size", "4",
-                 "--max-new-tokens", "32", "--constrained", "--field-order", field_order]) == 0
-    assert "wrote 8 predictions" in capsys.readouterr().out
-    lines = [json.loads(s) for s in pred.read_text().splitlines()]
-    assert len(lines) == 8 and all(line["parse_invalid_rollout"] == 0 for line in lines)
-    assert seen == [field_order]
-    assert main(["eval", "--gt", str(synth_dir / "val.jsonl"), "--pred", str(pred),
-                 "--out", str(tmp_path / "ev")]) == 0
-    assert "mAP" in json.loads((tmp_path / "ev" / "metrics.json").read_text())
-
-
-@pytest.mark.parametrize(("which", "message"), [("model", "missing"), ("data", "missing"),
-                                               ("batch", "--batch-size")])
-def test_infer_with_bad_input_exits_2(tiny_dir, synth_dir, tmp_path, capsys, which, message):
-    args = {"--model": str(tiny_dir / "qwen2_5_vl"), "--data": str(synth_dir / "val.jsonl"),
-            "--out": str(tmp_path / "p.jsonl"), "--batch-size": "2"}
-    if which == "batch":
-        args["--batch-size"] = "0"
-    else:
-        args[f"--{which}"] = str(tmp_path / "missing")
-    assert main(["infer", *[x for kv in args.items() for x in kv]]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "p.jsonl").exists()
+        assert all(o["score"] == 1.0 for o in prediction(rec, r, constant).to_line()["objects"])

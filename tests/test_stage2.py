@@ -20,6 +20,7 @@ from coordexp.data.collate import COORD, STRUCT, Batch, Collator
 from coordexp.data.records import Record, read_records
 from coordexp.data.synthetic import SynthSpec, make_scene
 from coordexp.diagnostics import finalize_stats
+from coordexp.lmhead import Rows
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import TinySpec, build_tiny_model
 from coordexp.train.channel_a import context_embeddings, soft_context_forward
@@ -251,7 +252,7 @@ def test_em_detach_keeps_a1_ce_gradient_and_blocks_the_replacement_gradient(setu
         cfg = a_config(n_softctx_iter=3, softctx_grad_mode=mode, channel_a_impl=impl)
         out = soft_context_forward(model, batch, coord_ids, cfg.stage2_ab)
         assert all(r.requires_grad == connected for r in out.replacements)
-        final_coord = out.final.coord_logits(batch.coord_b, batch.coord_t)
+        final_coord = out.final.coord_logits(Rows(batch.coord_b, batch.coord_t))
         assert final_coord.requires_grad  # the last pass always has a graph
         a1_coord, reached = out.first_coord_logits, False  # what built the replacements
         if a1_coord.requires_grad:
@@ -260,7 +261,7 @@ def test_em_detach_keeps_a1_ce_gradient_and_blocks_the_replacement_gradient(setu
             reached = grad is not None and bool(grad.abs().sum() > 0)
         assert reached == connected
         text_t = (batch.token_type[0] == STRUCT).nonzero()[:, 0]
-        a1_ce = out.first.vocab_lse(torch.zeros_like(text_t), text_t).sum()
+        a1_ce = out.first.vocab_lse(Rows(torch.zeros_like(text_t), text_t)).sum()
         weight = model.model.language_model.layers[0].mlp.up_proj.weight
         (ce_grad,) = torch.autograd.grad(a1_ce, weight)
         assert ce_grad.abs().sum() > 0

@@ -96,6 +96,7 @@ CONFIG_ERRORS = {
     "bad_choice": (["stage2_ab.coord_ctx_embed_mode=fuzzy"], "stage2_ab.coord_ctx_embed_mode"),
     "impossible_batch": (["training.effective_batch_size=5"], "effective_batch_size"),
     "b_ratio_range": (["stage2_ab.schedule.b_ratio=1.5"], "stage2_ab.schedule.b_ratio"),
+    "moved_match_key": (["rollout.iou_gate=0.5"], "moved to 'match.iou_gate'"),
 }
 
 

@@ -1,10 +1,11 @@
-"""The run directory: metadata, resolved config, logging.jsonl + TensorBoard, monitor dumps,
-and checkpoints (safetensors weights, atomic saves, exact resume)."""
+"""The run directory: metadata, resolved config, logging.jsonl + TensorBoard / Weights & Biases,
+monitor dumps, and checkpoints (safetensors weights, atomic saves, exact resume)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -49,19 +50,25 @@ def write_metadata(run_dir: Path, cfg: Config, world_size: int) -> None:
 
 
 class RunLog:
-    """logging.jsonl (one JSON object per event) and TensorBoard, written on the main process."""
+    """logging.jsonl (one JSON object per event), plus the backends in `report_to`: TensorBoard
+    (`kind/name` scalars in tb/) and Weights & Biases (the logging.jsonl names, in
+    RUN_DIR/wandb/; WANDB_MODE=offline works without a network). Main process only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
+                 report_to: tuple[str, ...] = ("tensorboard",)):
         self.enabled = enabled
         self.path = run_dir / "logging.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         if resume_step is not None:
             self._truncate_after(resume_step)
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        if "wandb" in report_to:
+            self.wandb = start_wandb(run_dir)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows the resumed run will write again (and a half-written line)."""
@@ -83,14 +90,38 @@ class RunLog:
         row = {"step": step, "kind": kind, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and math.isfinite(value):
+        scalars = {k: v for k, v in metrics.items()
+                   if isinstance(v, int | float) and math.isfinite(v)}
+        if self.tb is not None:
+            for key, value in scalars.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
-        self.tb.flush()
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(run_dir: Path):
+    """A W&B run named after the run directory, holding its resolved config and metadata."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("training.report_to lists wandb, which is not installed: "
+                        "pip install 'coordexp[wandb]'") from None
+    config = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    metadata = json.loads((run_dir / "run_metadata.json").read_text())
+    try:
+        return wandb.init(dir=run_dir, project=os.environ.get("WANDB_PROJECT", "coordexp"),
+                          name=run_dir.name, config=config | {"run_metadata": metadata},
+                          settings=wandb.Settings(console="off"))
+    except wandb.errors.UsageError as e:
+        raise UserError(f"wandb could not start a run ({e}); run `wandb login`, or set "
+                        "WANDB_MODE=offline to log locally and `wandb sync` later") from None
 
 
 def is_failure(sample: dict) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
+from pathlib import Path
 
 from coordexp.data.render import FIELD_ORDERS
 from coordexp.data.synthetic import COLOURS, SHAPES
@@ -71,6 +73,45 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-crowd", action="store_true", help="keep iscrowd annotations")
     c.set_defaults(run=_cmd_coco)
 
+    y = d.add_parser("yolo", help="Ultralytics YOLO dataset (data.yaml, images/, labels/) -> "
+                                  "records JSONL")
+    y.add_argument("--root", required=True, help="folder holding data.yaml, images/, labels/")
+    y.add_argument("--split", default="train", help="the images/<split>, labels/<split> folders")
+    y.add_argument("--out", required=True, help="output records JSONL")
+    y.set_defaults(run=_cmd_yolo)
+
+    v = d.add_parser("voc", help="Pascal VOC (Annotations/*.xml, JPEGImages/) -> records JSONL")
+    v.add_argument("--root", required=True, help="folder holding Annotations/ and JPEGImages/")
+    v.add_argument("--image-set", default="",
+                   help="convert only the ids in ImageSets/Main/<name>.txt (default: every xml)")
+    v.add_argument("--difficult", choices=("keep", "drop"), default="keep",
+                   help="keep 'difficult' objects flagged, or drop (and count) them")
+    v.add_argument("--out", required=True, help="output records JSONL")
+    v.set_defaults(run=_cmd_voc)
+
+    o = d.add_parser("odvg", help="ODVG detection / grounding JSONL -> records JSONL")
+    o.add_argument("--input", required=True, help="ODVG JSONL")
+    o.add_argument("--images", required=True, help="folder the filename entries are relative to")
+    o.add_argument("--label-map", default="",
+                   help="JSON {\"0\": name, ...} for instances that give only a 'label'")
+    o.add_argument("--out", required=True, help="output records JSONL")
+    o.set_defaults(run=_cmd_odvg)
+
+    lv = d.add_parser("lvis", help="LVIS instances JSON -> records JSONL (with federated labels)")
+    lv.add_argument("--instances", required=True, help="lvis_v1_*.json")
+    lv.add_argument("--images", required=True,
+                    help="folder of file_name entries, or the COCO root holding train2017/ and "
+                         "val2017/ that coco_url entries point into")
+    lv.add_argument("--out", required=True, help="output records JSONL")
+    lv.add_argument("--max-objects", type=_positive_int, default=60,
+                    help="drop (and count) images with more objects than this")
+    lv.set_defaults(run=_cmd_lvis)
+
+    tc = d.add_parser("to-coco", help="records JSONL -> COCO instances JSON (for any scorer)")
+    tc.add_argument("--records", required=True, help="records JSONL")
+    tc.add_argument("--out", required=True, help="output instances JSON")
+    tc.set_defaults(run=_cmd_to_coco)
+
     model = sub.add_parser("model", help="build or prepare models")
     m = model.add_subparsers(dest="model_cmd", required=True)
     t = m.add_parser("init-tiny", help="a tiny random VLM + offline tokenizer with coord tokens")
@@ -88,17 +129,55 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dst", required=True, help="output model directory")
     mg.set_defaults(run=_cmd_merge)
 
-    i = sub.add_parser("infer", help="rollouts on records -> predictions JSONL with scores")
-    i.add_argument("--model", required=True, help="model directory")
-    i.add_argument("--data", required=True, help="records JSONL (objects are ignored)")
+    i = sub.add_parser("infer", help="images or records -> predictions JSONL (boxes, labels, "
+                                     "scores); resumable, and sharded under torchrun")
+    i.add_argument("--model", required=True,
+                   help="model directory, training checkpoint, or run directory (its latest)")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="records JSONL (objects are ignored)")
+    src.add_argument("--images", help="folder of images, or a glob such as 'photos/**/*.jpg'")
     i.add_argument("--out", required=True, help="predictions JSONL to write")
-    i.add_argument("--batch-size", type=_positive_int, default=16)
-    i.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    i.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    i.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: bf16 on a GPU that supports it, else fp32")
+    i.add_argument("--attn", default="sdpa",
+                   help="attention: sdpa | flash_attention_2 (needs flash-attn) | eager")
+    i.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images per generate call (batched by similar size)")
+    i.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="answer budget per image (default 3084, the seed's evaluation budget); "
+                        "answers cut by it are counted and reported")
+    i.add_argument("--repetition-penalty", type=float, default=1.0)
     i.add_argument("--constrained", action="store_true",
                    help="CoordJSON grammar: coord slots emit only coord tokens")
     i.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="the object field order the model was trained with (data.field_order)")
+    i.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run on the same --out (skips lines written)")
     i.set_defaults(run=_cmd_infer)
+
+    ex = sub.add_parser("export", help="convert predictions to other formats")
+    exs = ex.add_subparsers(dest="export_cmd", required=True, parser_class=_Parser)
+    cr = exs.add_parser("coco-results", help="predictions JSONL -> COCO results JSON")
+    cr.add_argument("--pred", required=True, help="predictions JSONL")
+    cr.add_argument("--gt", required=True, help="COCO instances JSON (images matched by file name)")
+    cr.add_argument("--out", required=True, help="results JSON to write")
+    cr.add_argument("--semantic", action="store_true",
+                    help="map a label that is no category name to the nearest one with the "
+                         "sentence encoder (as `coordexp eval --semantic on`)")
+    cr.set_defaults(run=_cmd_export_coco)
+
+    v = sub.add_parser("visualize", help="draw predicted (and GT) boxes + an index.html gallery")
+    v.add_argument("--pred", required=True, help="predictions JSONL")
+    v.add_argument("--gt", default=None, help="ground-truth records JSONL (drawn dashed; the "
+                                               "gallery is then sorted worst F1 first)")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--image-root", default=None,
+                   help="folder the image paths are relative to (default: the --gt file's "
+                        "folder, else the --pred file's)")
+    v.add_argument("--min-score", type=_unit_interval, default=0.0,
+                   help="draw only predicted boxes with at least this score")
+    v.set_defaults(run=_cmd_visualize)
 
     tr = sub.add_parser("train", help="Stage 1 or Stage 2 AB, as the config says")
     tr.add_argument("config", help="YAML config (may `extends:` others)")
@@ -155,16 +234,76 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_coco(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from coordexp.data.coco import coco_to_records, load_json
-    from coordexp.data.records import write_records
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _out_path(args.out)
     records, skipped = coco_to_records(load_json(args.instances), Path(args.images), out.parent,
                                        max_objects=args.max_objects, keep_crowd=args.keep_crowd,
                                        source=args.instances)
+    return _write_converted(out, records, skipped)
+
+
+def _cmd_yolo(args: argparse.Namespace) -> int:
+    from coordexp.data.yolo import yolo_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *yolo_to_records(Path(args.root), args.split, out.parent))
+
+
+def _cmd_voc(args: argparse.Namespace) -> int:
+    from coordexp.data.voc import voc_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *voc_to_records(Path(args.root), out.parent,
+                                                 difficult=args.difficult,
+                                                 image_set=args.image_set))
+
+
+def _cmd_odvg(args: argparse.Namespace) -> int:
+    from coordexp.data.odvg import odvg_to_records, read_label_map
+
+    out = _out_path(args.out)
+    label_map = read_label_map(Path(args.label_map)) if args.label_map else None
+    return _write_converted(out, *odvg_to_records(Path(args.input), Path(args.images),
+                                                  out.parent, label_map=label_map))
+
+
+def _cmd_lvis(args: argparse.Namespace) -> int:
+    from coordexp.data.coco import load_json
+    from coordexp.data.lvis import lvis_to_records
+
+    out = _out_path(args.out)
+    return _write_converted(out, *lvis_to_records(load_json(args.instances), Path(args.images),
+                                                  out.parent, max_objects=args.max_objects,
+                                                  source=args.instances))
+
+
+def _cmd_to_coco(args: argparse.Namespace) -> int:
+    import json
+
+    from coordexp.data.coco import records_to_coco
+    from coordexp.data.records import read_records
+
+    records = read_records(args.records, check_images=False)
+    coco = records_to_coco(records)
+    out = _out_path(args.out)
+    out.write_text(json.dumps(coco, ensure_ascii=False), encoding="utf-8")
+    print(f"wrote {len(coco['images'])} images, {len(coco['annotations'])} boxes and "
+          f"{len(coco['categories'])} categories to {out} (file_name is relative to "
+          f"{Path(args.records).parent})")
+    return 0
+
+
+def _out_path(text: str) -> Path:
+    out = Path(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_converted(out: Path, records: list, skipped: Counter) -> int:
+    """Write converted records; print how many, and what was skipped and why."""
+    from coordexp.data.records import write_records
+
     write_records(out, records)
     notes = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(skipped.items()))
     print(f"wrote {len(records)} records to {out}" + (f"; skipped {notes}" if notes else ""))
@@ -211,11 +350,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from coordexp.predict import infer_command
+    from coordexp.infer import InferOptions, infer_command
 
-    return infer_command(args.model, args.data, args.out, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, constrained=args.constrained,
-                         field_order=args.field_order)
+    budget = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    opts = InferOptions(device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+                        batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
+                        constrained=args.constrained, field_order=args.field_order,
+                        resume=args.resume, **budget)
+    return infer_command(args.model, args.out, data=args.data, images=args.images, opts=opts)
+
+
+def _cmd_export_coco(args: argparse.Namespace) -> int:
+    from coordexp.export import export_coco_results
+
+    return export_coco_results(args.pred, args.gt, args.out, semantic=args.semantic)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from coordexp.visualize import visualize_command
+
+    return visualize_command(args.pred, args.out, gt=args.gt, image_root=args.image_root,
+                             min_score=args.min_score)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

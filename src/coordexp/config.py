@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from coordexp.errors import UserError
+from coordexp.matching import MatchConfig
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # an HF model directory with the coord tokens (see `coordexp model ...`), or an adapter
+    # an HF model directory with the coord tokens, a hub id in the HF cache, or an adapter
     # checkpoint (merged into its base on load)
     path: str = ""
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
@@ -70,6 +71,7 @@ class TrainingConfig:
     save_total_limit: int = 2
     metric_for_best: str = "rollout/mAP"
     eval_at_end: bool = True
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb; logging.jsonl always
     gradient_checkpointing: bool = False  # LLM layers and ViT blocks keep only their inputs
     distributed: str = "ddp"  # ddp | fsdp (decoder layers and vision blocks as shard units)
 
@@ -129,10 +131,6 @@ class RolloutConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     constrained: bool = False  # CoordJSON grammar: coord slots emit only coord tokens
-    candidate_top_k: int = 10
-    iou_gate: float = 0.3
-    fp_cost: float = 1.0
-    fn_cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -155,6 +153,7 @@ class Config:
     coord_soft_ce_w1: CoordSoftCEW1Config = field(default_factory=CoordSoftCEW1Config)
     stage2_ab: Stage2ABConfig = field(default_factory=Stage2ABConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor_dump: MonitorDumpConfig = field(default_factory=MonitorDumpConfig)
 
@@ -164,6 +163,7 @@ class Config:
         return t.effective_batch_size // (t.per_device_batch_size * world_size)
 
 
+REPORTERS = ("tensorboard", "wandb")  # training.report_to
 CHOICES = {
     "training.stage": ("stage1", "stage2_ab"),
     "training.mixed_precision": ("no", "bf16", "fp16"),
@@ -177,6 +177,7 @@ CHOICES = {
     "stage2_ab.channel_a_impl": ("fast", "reference"),
     "eval.score": ("coord_prob", "fused", "constant"),
 }
+MOVED = {f"rollout.{k.name}": f"match.{k.name}" for k in dataclasses.fields(MatchConfig)}
 
 
 # -- building dataclasses from dicts ---------------------------------------------------------
@@ -187,9 +188,9 @@ def _coerce(value, tp, key: str):
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
-    if origin is tuple:
+    if origin is tuple:  # tuple[X, ...], written as a YAML list
         if not isinstance(value, list | tuple):
-            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+            raise UserError(f"config key '{key}' must be a list, e.g. [a, b]; got {value!r}")
         return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]")
                      for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
@@ -222,6 +223,9 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in MOVED:
+            raise UserError(f"config key '{dotted}' moved to '{MOVED[dotted]}' (one matching "
+                            "config for Channel B and evaluation)")
         if key not in names:
             raise UserError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
@@ -312,6 +316,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
     if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:
         raise UserError("'stage2_ab.channel_b.drop_invalid_struct_ce_multiplier' must be in [1, 4]")
+    if not set(t.report_to) <= set(REPORTERS) or len(set(t.report_to)) < len(t.report_to):
+        raise UserError(f"'training.report_to' lists each of {', '.join(REPORTERS)} at most "
+                        f"once, got {list(t.report_to)}")
     c = cfg.coord_soft_ce_w1
     if c.temperature <= 0 or c.target_sigma <= 0 or s.softctx_temperature <= 0:
         raise UserError("temperatures and 'coord_soft_ce_w1.target_sigma' must be > 0")
@@ -340,10 +347,11 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    """Plain YAML/JSON types: tuples become lists."""
-    def plain(v):
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+    """Plain dicts and lists (YAML-safe: tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
 
-    return plain(dataclasses.asdict(cfg))
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value

@@ -22,37 +22,7 @@ TASK = SynthSpec(image_size=112, min_objects=1, max_objects=3,
 N_TRAIN, N_VAL = 12000, 256  # 3000 overfit; 64 val images made AP50 jump between evals
 STAGE1_SHARE = 0.75  # of the training minutes; the rest goes to Stage 2 AB
 
-STAGE1 = {
-    "model": {"init_tiny": "qwen3_vl", "coord_embed_init": "ordinal"},
-    "training": {"stage": "stage1", "run_name": "stage1", "max_steps": 100_000,
-                 "effective_batch_size": 8, "per_device_batch_size": 8,
-                 "learning_rate": 1e-3, "vit_lr": 1e-3, "aligner_lr": 1e-3,
-                 "warmup_ratio": 0.02, "eval_steps": 100_000, "save_steps": 100_000,
-                 "metric_for_best": "rollout/AP50"},
-    # one pixel is 999 / 111 = 9 bins at 112 px: sigma of one pixel
-    "coord_soft_ce_w1": {"target_sigma": 9.0, "bbox_smoothl1_weight": 1.0,
-                         "bbox_ciou_weight": 1.0},
-    "rollout": {"batch_size": 32, "max_new_tokens": 64},
-    "monitor_dump": {"max_samples": 8},
-}
-STAGE2 = {
-    "training": {"stage": "stage2_ab", "run_name": "stage2_ab", "learning_rate": 1e-4,
-                 "vit_lr": 1e-4, "aligner_lr": 1e-4, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
-                 "eval_steps": 200, "save_steps": 200},
-    "stage2_ab": {"schedule": {"b_ratio": 0.5}, "n_softctx_iter": 2,
-                  "bbox_smoothl1_weight": 2.0, "bbox_ciou_weight": 0.2, "coord_gate_weight": 1.0,
-                  "text_gate_weight": 0.1},
-    # Stage 2 reads its box weights from stage2_ab: the Stage-1 ones go back to their defaults
-    "coord_soft_ce_w1": {"soft_ce_weight": 0.1, "w1_weight": 0.1, "bbox_smoothl1_weight": 0.0,
-                         "bbox_ciou_weight": 0.0},
-}
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+RECIPE = Path(__file__).parent / "configs" / "demo"  # stage1.yaml, stage2_ab.yaml
 
 
 def _eval_rows(run_dir: Path) -> list[dict]:
@@ -121,29 +91,26 @@ def run_demo(out: str | Path, minutes: float = 10.0) -> int:
           f"{len(TASK.shapes)} shapes = {len(TASK.colours) * len(TASK.shapes)} classes; "
           f"model: tiny random Qwen3-VL; budget {minutes:g} training minutes")
     synthesize(out / "data", N_TRAIN, N_VAL, seed=0, spec=TASK)
-    data = {"data": {"train": str(out / "data" / "train.jsonl"),
-                     "val": str(out / "data" / "val.jsonl")},
-            "training": {"output_dir": str(out)}}
+    data = [f"{key}={json.dumps(str(path))}" for key, path in (  # quoted: any path is a string
+        ("data.train", out / "data" / "train.jsonl"), ("data.val", out / "data" / "val.jsonl"),
+        ("training.output_dir", out))]
     from coordexp.train.loop import train
 
     s1_minutes = minutes * STAGE1_SHARE
-    cfg1 = load_config(base=_merge(STAGE1, data))
-    per_step = measure_step_seconds(cfg1)
+    per_step = measure_step_seconds(load_config(RECIPE / "stage1.yaml", data))
     every = max(10, int(60 * s1_minutes / per_step) // 6)
     steps = 6 * every  # the last eval falls on the last step
-    cfg1 = load_config(base=_merge(_merge(STAGE1, data), {"training": {
-        "max_steps": steps, "max_minutes": 1.2 * s1_minutes, "eval_steps": every,
-        "save_steps": every}}))
+    cfg1 = load_config(RECIPE / "stage1.yaml", data + [
+        f"training.max_steps={steps}", f"training.max_minutes={1.2 * s1_minutes}",
+        f"training.eval_steps={every}", f"training.save_steps={every}"])
     print(f"[demo] Stage 1: {per_step:.3f} s/step measured here -> {steps} steps "
           f"(~{s1_minutes:.1f} min), eval every {every}")
     run1 = train(cfg1)
     s1_ckpt = best_checkpoint(run1)
     s2_minutes = minutes - s1_minutes
-    stage2 = _merge(_merge(STAGE1, data), STAGE2)
-    stage2 = _merge(stage2, {"model": {"init_tiny": "", "path": str(s1_ckpt)},
-                             "training": {"max_minutes": s2_minutes}})
     print(f"[demo] Stage 2 AB for {s2_minutes:.1f} min from {s1_ckpt}")
-    run2 = train(load_config(base=stage2))
+    run2 = train(load_config(RECIPE / "stage2_ab.yaml", data + [
+        f"model.path={json.dumps(str(s1_ckpt))}", f"training.max_minutes={s2_minutes}"]))
     rows = [("stage1", r) for r in _eval_rows(run1)] + [("stage2_ab", r) for r in _eval_rows(run2)]
     print("\n" + format_table(rows) + "\n")
     from coordexp.report import report_command

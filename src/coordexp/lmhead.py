@@ -6,11 +6,14 @@ and passes the LM-head weight W [V, D]. From them:
 - `vocab_logsumexp`: logsumexp(h W^T / tau) over the full vocabulary, [N], chunked over V by an
   autograd Function that saves only h, W and the result and recomputes chunks in backward;
 - `label_logits`: the target column at each row, [N], so token CE = vocab_lse - label_logit;
-- `vocab_logits`: full float32 logits, for the few rows where a caller really needs them.
+`HiddenHead` serves them from hidden states at named `Rows`, `LogitsHead` from full logits (the
+reference path), and `joint_vocab_lse` takes several row sets through one LM-head call.
 Pure torch; no transformers import.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,12 +42,6 @@ def label_logits(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """Logit of each row's target token: h [N, D], W [V, D], labels [N] -> [N] float32."""
     dtype = _head_dtype(h, weight)
     return (h.to(dtype) * weight.index_select(0, labels).to(dtype)).sum(-1)
-
-
-def vocab_logits(h: Tensor, weight: Tensor) -> Tensor:
-    """Full float32 logits at the given rows only (e.g. supervised text rows): [N, D] -> [N, V]."""
-    dtype = _head_dtype(h, weight)
-    return h.to(dtype) @ weight.to(dtype).T
 
 
 class _VocabLogSumExp(torch.autograd.Function):
@@ -99,3 +96,79 @@ def vocab_logsumexp(
     both h and W. Used for the coord gate, the text gate and token CE (CE = lse - label logit).
     """
     return _VocabLogSumExp.apply(h, weight, temperature, chunk_size)
+
+
+# -- LM-head views at target rows --------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """Target positions: batch index b [M] and token index t [M]. A head reads row t - 1 (the
+    causal shift) to predict token t."""
+
+    b: Tensor
+    t: Tensor
+
+    def __len__(self) -> int:
+        return len(self.b)
+
+    def __getitem__(self, mask: Tensor) -> Rows:
+        return Rows(self.b[mask], self.t[mask])
+
+    @staticmethod
+    def cat(*parts: Rows) -> Rows:
+        return Rows(torch.cat([p.b for p in parts]), torch.cat([p.t for p in parts]))
+
+
+class HiddenHead:
+    """LM-head outputs from hidden states [B, T, D] and the head weight [V, D], only at the
+    rows asked for."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, coord_ids: Tensor):
+        self.hidden, self.weight, self.coord_ids = hidden, weight, coord_ids
+
+    def rows(self, at: Rows) -> Tensor:  # [M, D]
+        return self.hidden[at.b, at.t - 1]
+
+    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
+        return vocab_logsumexp(rows, self.weight, temperature=temperature)
+
+    def vocab_lse(self, at: Rows, temperature: float = 1.0) -> Tensor:  # [M]
+        return self.lse_of_rows(self.rows(at), temperature)
+
+    def coord_logits(self, at: Rows) -> Tensor:  # [M, K]
+        return coord_slice_logits(self.rows(at), self.weight, self.coord_ids)
+
+    def label_logits(self, at: Rows, labels: Tensor) -> Tensor:  # [M]
+        return label_logits(self.rows(at), self.weight, labels)
+
+
+class LogitsHead:
+    """The same outputs read from full logits [B, T, V] (the reference path)."""
+
+    def __init__(self, logits: Tensor, coord_ids: Tensor):
+        self.logits, self.coord_ids = logits, coord_ids
+
+    def rows(self, at: Rows) -> Tensor:  # [M, V]
+        return self.logits[at.b, at.t - 1].to(compute_dtype(self.logits))
+
+    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
+        return (rows / temperature).logsumexp(-1)
+
+    def vocab_lse(self, at: Rows, temperature: float = 1.0) -> Tensor:
+        return self.lse_of_rows(self.rows(at), temperature)
+
+    def coord_logits(self, at: Rows) -> Tensor:
+        return self.rows(at)[:, self.coord_ids]
+
+    def label_logits(self, at: Rows, labels: Tensor) -> Tensor:
+        return self.rows(at).gather(-1, labels[:, None])[:, 0]
+
+
+Head = HiddenHead | LogitsHead
+
+
+def joint_vocab_lse(sets: list[tuple[Head, Rows]], temperature: float = 1.0) -> list[Tensor]:
+    """vocab_lse of several (head, rows) sets of one model in a single LM-head call, in the
+    order given: one pass over the vocabulary and one weight-gradient buffer, not one per set."""
+    rows = torch.cat([head.rows(at) for head, at in sets])
+    lse = sets[0][0].lse_of_rows(rows, temperature)
+    return list(lse.split([len(at) for _, at in sets]))

@@ -23,7 +23,7 @@ def _zero(x: Tensor) -> Tensor:
     return x.to(compute_dtype(x)).sum() * 0
 
 
-# -- token CE --------------------------------------------------------------------------------
+# -- weighting -------------------------------------------------------------------------------
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     """sum w * v / sum w over any shape; zero (with graph) when the weights sum to zero.
 
@@ -31,36 +31,6 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     """
     den = weights.sum()
     return (weights * values).sum() / torch.where(den > 0, den, torch.ones_like(den))
-
-
-def token_weights(type_masks: dict[str, Tensor], type_weights: dict[str, float]) -> Tensor:
-    """Per-token CE weights from boolean token-type masks (e.g. struct, desc):
-    w_t = sum_type type_weights[type] * type_masks[type][t]. Types without a weight get 0."""
-    missing = set(type_weights) - set(type_masks)
-    assert not missing, f"no mask for token types {missing}"
-    first = next(iter(type_masks.values()))
-    weights = torch.zeros(first.shape, device=first.device)
-    for name, w in type_weights.items():
-        weights = weights + w * type_masks[name]
-    return weights
-
-
-def token_ce(
-    logits: Tensor, labels: Tensor, weights: Tensor | None = None, *, ignore_index: int = -100
-) -> Tensor:
-    """Weighted token CE: sum_t w_t * CE_t / sum_t w_t over labels != ignore_index.
-
-    logits [..., V], labels [...], weights [...] (None = 1 everywhere).
-    """
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(compute_dtype(logits)),
-        labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="none",
-    )  # [M]
-    keep = (labels.reshape(-1) != ignore_index).to(ce.dtype)
-    w = keep if weights is None else keep * weights.reshape(-1).to(ce.dtype)
-    return weighted_mean(ce, w)
 
 
 # -- coord-distribution losses ----------------------------------------------------------------

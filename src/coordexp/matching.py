@@ -15,6 +15,20 @@ from scipy.optimize import linear_sum_assignment
 
 
 @dataclass(frozen=True)
+class MatchConfig:
+    """The matching knobs (config section `match`): one definition for Channel B, in-training
+    evaluation and `coordexp eval`."""
+
+    candidate_top_k: int = 10  # GT candidates kept per prediction, by IoU
+    iou_gate: float = 0.3  # least IoU of a matched pair
+    fp_cost: float = 1.0  # cost of an unmatched prediction
+    fn_cost: float = 1.0  # cost of an unmatched GT object
+
+
+_DEFAULT = MatchConfig()
+
+
+@dataclass(frozen=True)
 class Match:
     """pairs (pred_i, gt_j) sorted by pred index, with matched_ious in the same order."""
 
@@ -59,7 +73,7 @@ def _area(boxes: np.ndarray) -> np.ndarray:
 
 
 def build_pair_table(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
-                     candidate_top_k: int = 10) -> PairTable:
+                     candidate_top_k: int) -> PairTable:
     """IoU and candidates of every pair: preds[i] [P_i, 4], gts[i] [G_i, 4] xyxy, one space.
 
     A pred's candidates are its top_k GT by IoU (ties by GT index), or by centre distance
@@ -100,8 +114,8 @@ def _top_k(owner: np.ndarray, gt: np.ndarray, iou: np.ndarray, a: np.ndarray, b:
     return rank < top_k
 
 
-def match_pair_table(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float = 1.0,
-                     fn_cost: float = 1.0) -> list[Match]:
+def match_pair_table(table: PairTable, *, iou_gate: float, fp_cost: float,
+                     fn_cost: float) -> list[Match]:
     """One Match per image: minimum cost with 1 - IoU per pair, fp_cost per unmatched pred,
     fn_cost per unmatched GT; pairs outside the candidates or below the gate are infeasible."""
     direct, solved, rejections = _assign(table, iou_gate, fp_cost, fn_cost)
@@ -123,8 +137,8 @@ def match_pair_table(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float 
     return matches
 
 
-def count_matches(table: PairTable, *, iou_gate: float = 0.3, fp_cost: float = 1.0,
-                  fn_cost: float = 1.0) -> np.ndarray:
+def count_matches(table: PairTable, *, iou_gate: float, fp_cost: float,
+                  fn_cost: float) -> np.ndarray:
     """[I] how many pairs match_pair_table would match in each image, without building Matches."""
     direct, solved, _ = _assign(table, iou_gate, fp_cost, fn_cost)
     counts = np.bincount(table.image[direct], minlength=len(table.num_pred))
@@ -197,15 +211,18 @@ def _make_match(pairs: list[tuple[int, int]], ious: list[float], num_pred: int, 
 
 
 def match_boxes_batched(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *,
-                        candidate_top_k: int = 10, iou_gate: float = 0.3, fp_cost: float = 1.0,
-                        fn_cost: float = 1.0) -> list[Match]:
+                        candidate_top_k: int = _DEFAULT.candidate_top_k,
+                        iou_gate: float = _DEFAULT.iou_gate, fp_cost: float = _DEFAULT.fp_cost,
+                        fn_cost: float = _DEFAULT.fn_cost) -> list[Match]:
     """match_boxes for many images at once: preds[i] [P_i, 4] against gts[i] [G_i, 4]."""
     table = build_pair_table(preds, gts, candidate_top_k)
     return match_pair_table(table, iou_gate=iou_gate, fp_cost=fp_cost, fn_cost=fn_cost)
 
 
-def match_boxes(pred: np.ndarray, gt: np.ndarray, *, candidate_top_k: int = 10,
-                iou_gate: float = 0.3, fp_cost: float = 1.0, fn_cost: float = 1.0) -> Match:
+def match_boxes(pred: np.ndarray, gt: np.ndarray, *,
+                candidate_top_k: int = _DEFAULT.candidate_top_k,
+                iou_gate: float = _DEFAULT.iou_gate, fp_cost: float = _DEFAULT.fp_cost,
+                fn_cost: float = _DEFAULT.fn_cost) -> Match:
     """Minimum-cost 1:1 matching of pred [P, 4] to gt [G, 4] (xyxy, any one space): a pair
     costs 1 - IoU, an unmatched pred fp_cost, an unmatched GT fn_cost; pairs outside the
     pred's candidate_top_k or with IoU below iou_gate are infeasible."""

@@ -80,7 +80,6 @@ class ParseResult:
     prefix_end: int | None = None
     spans: list[ObjectSpans] = field(default_factory=list)
     tokens: list[ObjectTokens] | None = None
-    prefix_tokens: int | None = None
 
     def drop(self, reason: str) -> None:
         self.dropped_invalid += 1
@@ -170,6 +169,7 @@ def _keep_fast(m: re.Match, field_order: str, result: ParseResult) -> bool:
     bins = [_CODEC.parse_token(m.group(g)) for g in coord_groups]
     if desc is None or not desc.strip() or None in bins:
         return False
+    desc = desc.strip()  # "  cat " is the category "cat"; the span keeps the raw text
     ds, de = m.span(desc_group)
     spans = tuple(m.span(g) for g in coord_groups)
     result.objects.append({"desc": desc, "bbox_2d": bins})
@@ -302,7 +302,6 @@ def parse_coordjson_tokens(pieces: list[str], *, field_order: str = "desc_first"
 
     Adds per kept object the token indices of its desc and of its 4 coord values; an object
     whose coord literal is not exactly one token is dropped as ambiguous (reason wrong_arity).
-    prefix_tokens: how many tokens make the append-ready prefix, None if the cut splits a token.
     """
     result, array_open = _parse("".join(pieces), field_order)
     starts = _piece_starts(pieces)  # [T + 1] char offset where each token starts, then the end
@@ -319,9 +318,6 @@ def parse_coordjson_tokens(pieces: list[str], *, field_order: str = "desc_first"
         result.spans = [s for _, s, _ in kept]
         result.prefix_end = result.spans[-1].object[1] if kept else array_open
     result.tokens = [t for _, _, t in kept]
-    if result.prefix_end is not None:
-        i = bisect_left(starts, result.prefix_end)
-        result.prefix_tokens = i if starts[i] == result.prefix_end else None
     return result
 
 

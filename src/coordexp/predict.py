@@ -1,18 +1,12 @@
-"""Predictions: rollout -> token-aligned parse -> box scores -> one prediction line per record
-(the `coordexp eval` input), and `coordexp infer`.
+"""Predictions: rollout -> token-aligned parse -> box scores -> one Prediction per record (the
+pred JSONL line `coordexp eval` reads). `Detector` and `coordexp infer` are built on these.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from coordexp.codec import CoordCodec
-from coordexp.config import Config, DataConfig, RolloutConfig
-from coordexp.data.records import Record, read_records
-from coordexp.errors import UserError
-from coordexp.eval.scores import box_scores
-from coordexp.model.qwen_vl import load_vlm
+from coordexp.config import Config
+from coordexp.data.records import Record
+from coordexp.eval.predictions import Prediction, box_scores, from_parse
 from coordexp.parsing import ParseResult, parse_coordjson_tokens
 from coordexp.rollout import Rollout, generate_rollouts
 
@@ -20,30 +14,16 @@ FUSED_DESC_WEIGHT = 0.5  # eval.score = fused: (1 - w) * coord geometric mean + 
 
 
 def predict_records(model, processor, records: list[Record], cfg: Config, *,
-                    progress: bool = True) -> list[dict]:
-    """Rollout -> token-aligned parse -> box scores -> one `coordexp eval` line per record:
-    {"images", "width", "height", "objects": [{"desc", "bbox_2d" (pixels xyxy), "score"}],
-     "raw_text", "parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
-     "parse_dropped_ambiguous", "parse_dropped_<reason>" (counts)}."""
+                    progress: bool = True) -> list[Prediction]:
+    """Rollout -> token-aligned parse -> box scores -> one Prediction per record."""
     rollouts = generate_rollouts(model, processor, records, cfg.rollout, progress=progress,
                                  seed=cfg.training.seed, field_order=cfg.data.field_order)
     return [prediction(r, ro, cfg) for r, ro in zip(records, rollouts, strict=True)]
 
 
-def prediction(record: Record, rollout: Rollout, cfg: Config) -> dict:
+def prediction(record: Record, rollout: Rollout, cfg: Config) -> Prediction:
     result = parse_coordjson_tokens(rollout.pieces, field_order=cfg.data.field_order)
-    scores = object_scores(rollout, result, cfg.eval.score)
-    codec = CoordCodec()
-    objects = [{"desc": o["desc"], "score": s,
-                "bbox_2d": codec.box_bins_to_px(o["bbox_2d"], record.width, record.height)}
-               for o, s in zip(result.objects, scores, strict=True)]
-    parse = {"parse_invalid_rollout": int(result.invalid_rollout),
-             "parse_truncated": int(result.truncated),
-             "parse_dropped_invalid": result.dropped_invalid,
-             "parse_dropped_ambiguous": result.dropped_ambiguous}
-    parse |= {f"parse_dropped_{k}": v for k, v in result.dropped_by_reason.items()}
-    return {"images": [record.image], "width": record.width, "height": record.height,
-            "objects": objects, "raw_text": rollout.text} | parse
+    return from_parse(record, result, object_scores(rollout, result, cfg.eval.score), rollout.text)
 
 
 def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[float]:
@@ -52,35 +32,3 @@ def object_scores(rollout: Rollout, result: ParseResult, score: str) -> list[flo
         return [1.0] * len(result.objects)
     weight = FUSED_DESC_WEIGHT if score == "fused" else 0.0
     return box_scores(rollout.token_logprobs, result.tokens, desc_weight=weight)
-
-
-def infer_command(model_dir: str | Path, data_path: str | Path, out_path: str | Path, *,
-                  batch_size: int, max_new_tokens: int, constrained: bool,
-                  field_order: str = "desc_first") -> int:
-    """`coordexp infer`: rollouts on every record -> predictions JSONL (written atomically).
-    `field_order` must be the one the model was trained with: the grammar and parser use it."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise UserError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size} and "
-                        f"{max_new_tokens}")
-    records = read_records(data_path)
-    model, processor, _ = load_vlm(model_dir)
-    cfg = Config(data=DataConfig(field_order=field_order),
-                 rollout=RolloutConfig(batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       constrained=constrained))
-    preds = predict_records(model, processor, records, cfg)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for pred in preds:
-            f.write(json.dumps(pred, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    print(summary_line(preds, out))
-    return 0
-
-
-def summary_line(preds: list[dict], out: Path) -> str:
-    return (f"wrote {len(preds)} predictions ({sum(len(p['objects']) for p in preds)} objects) "
-            f"to {out}; invalid rollouts {sum(p['parse_invalid_rollout'] for p in preds)}, "
-            f"truncated {sum(p['parse_truncated'] for p in preds)}, "
-            f"dropped objects {sum(p['parse_dropped_invalid'] for p in preds)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 from transformers import GenerationConfig, LogitsProcessor, RepetitionPenaltyLogitsProcessor
 
@@ -32,7 +33,6 @@ class Rollout:
     token_logprobs: list[float]  # log-prob of each token under the raw (unprocessed) model
     pieces: list[str]  # decoded text of each token
     hit_max_new_tokens: bool  # stopped by the budget, not by an end-of-turn token
-
 
 
 class LogprobRecorder(LogitsProcessor):
@@ -72,7 +72,7 @@ def generate_rollouts(model, processor, records: list[Record], cfg: RolloutConfi
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(records), cfg.batch_size):
-                batch = records[start:start + cfg.batch_size]
+                batch = [load_image(r) for r in records[start:start + cfg.batch_size]]
                 rollouts += generate_batch(model, processor, batch, cfg, field_order)
                 bar.update(len(batch))
     finally:
@@ -80,21 +80,23 @@ def generate_rollouts(model, processor, records: list[Record], cfg: RolloutConfi
     return rollouts
 
 
-def prompt_batch(processor, records: list[Record], device, dtype) -> dict[str, torch.Tensor]:
-    """The chat prompt with each record's image, left-padded into one batch."""
+def prompt_batch(processor, images: list[Image.Image], device, dtype) -> dict[str, torch.Tensor]:
+    """The chat prompt with each image (RGB, as `load_image` reads it), left-padded into one
+    batch."""
     prompt = Collator(processor).prompt_text()
-    enc = processor(text=[prompt] * len(records), images=[load_image(r) for r in records],
-                    padding=True, padding_side="left", return_tensors="pt")
+    enc = processor(text=[prompt] * len(images), images=images, padding=True,
+                    padding_side="left", return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
     enc["pixel_values"] = enc["pixel_values"].to(dtype)
     return enc
 
 
-def generate_batch(model, processor, records: list[Record], cfg: RolloutConfig,
+def generate_batch(model, processor, images: list[Image.Image], cfg: RolloutConfig,
                    field_order: str) -> list[Rollout]:
+    """One batch of rollouts, one per image (greedy unless cfg.do_sample)."""
     tokenizer = processor.tokenizer
     table = token_table(tokenizer)
-    inputs = prompt_batch(processor, records, model.device, model.dtype)
+    inputs = prompt_batch(processor, images, model.device, model.dtype)
     recorder, constraint = LogprobRecorder(), None
     processors = [recorder]  # first, so it sees the raw logits
     if cfg.repetition_penalty != 1.0:
@@ -102,7 +104,7 @@ def generate_batch(model, processor, records: list[Record], cfg: RolloutConfig,
     if cfg.constrained:
         vocab = model.get_output_embeddings().weight.shape[0]
         grammar = coordjson_grammar(tokenizer, field_order, vocab)
-        constraint = GrammarProcessor(grammar, len(records), model.device)
+        constraint = GrammarProcessor(grammar, len(images), model.device)
         processors.append(constraint)
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.do_sample else {}
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,

@@ -89,11 +89,14 @@ class Collator:
     def __call__(self, records: list[Record], answers: list[str] | None = None) -> Batch:
         if answers is None:
             answers = [render_record(r, self.codec, self.field_order) for r in records]
+        return self.encode(records, [self.answer_tokens(a) for a in answers])
+
+    def encode(self, records: list[Record], answers: list[tuple[list[int], list[int]]]) -> Batch:
+        """Prompt + image + answer (token ids, types) per record -> a right-padded Batch."""
         prompt = self.prompt_text()
         rows, types, vision, prompt_lens = [], [], [], []
-        for rec, answer in zip(records, answers, strict=True):
+        for rec, (ids, tt) in zip(records, answers, strict=True):
             enc = self.processor(text=[prompt], images=[load_image(rec)], return_tensors="pt")
-            ids, tt = self.answer_tokens(answer)
             p = enc["input_ids"].shape[1]
             rows.append(enc["input_ids"][0].tolist() + ids)
             types.append([0] * p + tt)

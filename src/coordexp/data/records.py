@@ -3,24 +3,31 @@
 A record line: {"images": ["rel/path.png"], "width": W, "height": H,
                 "objects": [{"desc": str, "bbox_2d": [x1, y1, x2, y2]}, ...]}
 Boxes are pixels of that image; "<|coord_k|>" strings are accepted and converted to pixels.
+An object may carry "difficult": true (Pascal VOC's flag, kept for the record; trained and
+scored as any object). Any other object key is an error; other record keys are kept.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from coordexp.codec import CoordCodec
 from coordexp.errors import UserError
 
 REQUIRED_KEYS = ("images", "width", "height", "objects")
+OBJECT_KEYS = ("desc", "bbox_2d", "difficult")
 
 
 @dataclass(frozen=True)
 class DetObject:
     desc: str
     box_px: tuple[float, float, float, float]  # xyxy, pixels
+    difficult: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,8 @@ class Record:
         return self.root / self.image
 
     def to_json(self) -> dict:
-        objs = [{"desc": o.desc, "bbox_2d": [_num(v) for v in o.box_px]} for o in self.objects]
+        objs = [{"desc": o.desc, "bbox_2d": [_num(v) for v in o.box_px]}
+                | ({"difficult": True} if o.difficult else {}) for o in self.objects]
         return {"images": [self.image], "width": self.width, "height": self.height,
                 "objects": objs, **self.extra}
 
@@ -70,6 +78,12 @@ def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Reco
 def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> DetObject:
     if not isinstance(o, dict) or "desc" not in o or "bbox_2d" not in o:
         raise UserError(f"{where}: needs 'desc' and 'bbox_2d'")
+    unknown = [k for k in o if k not in OBJECT_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (an object holds 'desc', "
+                        "'bbox_2d' and optionally 'difficult'; other geometry is not supported)")
+    if not isinstance(o.get("difficult", False), bool):
+        raise UserError(f"{where}: 'difficult' must be true or false")
     desc = o["desc"]
     if not isinstance(desc, str) or not desc.strip():
         raise UserError(f"{where}: 'desc' must be a non-empty string")
@@ -90,30 +104,43 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
         raise UserError(
             f"{where}: box {box} is outside the {w}x{h} image or has x2<=x1 / y2<=y1"
         )
-    return DetObject(desc, (x1, y1, x2, y2))
+    return DetObject(desc, (x1, y1, x2, y2), o.get("difficult", False))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header; an unreadable file is a UserError."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[object, str]]:
+    """The decoded JSON value of every non-blank line, with its "file:line"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), f"{path}:{lineno}"
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+                                ) from None
 
 
 def read_records(path: str | Path, *, check_images: bool = True,
                  codec: CoordCodec | None = None) -> list[Record]:
     """Read and validate a JSONL file; any problem raises UserError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    codec = codec or CoordCodec()
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            rec = parse_record(obj, where, path.parent, codec)
-            if check_images and not rec.image_path.is_file():
-                raise UserError(f"{where}: image file {rec.image_path} not found")
-            records.append(rec)
+    codec, records = codec or CoordCodec(), []
+    for obj, where in iter_jsonl(path):
+        rec = parse_record(obj, where, Path(path).parent, codec)
+        if check_images and not rec.image_path.is_file():
+            raise UserError(f"{where}: image file {rec.image_path} not found")
+        records.append(rec)
     return records
 
 

@@ -2,10 +2,14 @@
 
 from coordexp.eval.evaluate import (
     METRIC_KEYS,
+    EvalOptions,
     Evaluation,
     eval_command,
     evaluate_detections,
+    evaluate_predictions,
     evaluate_records,
 )
+from coordexp.eval.predictions import Prediction
 
-__all__ = ["METRIC_KEYS", "Evaluation", "eval_command", "evaluate_detections", "evaluate_records"]
+__all__ = ["METRIC_KEYS", "EvalOptions", "Evaluation", "Prediction", "eval_command",
+           "evaluate_detections", "evaluate_predictions", "evaluate_records"]

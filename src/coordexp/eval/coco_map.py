@@ -10,9 +10,13 @@ import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
+
+if TYPE_CHECKING:
+    from coordexp.eval.lvis import Federated
 
 COCO_STATS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
               "ARs", "ARm", "ARl")
@@ -84,18 +88,23 @@ class DescMapper:
 
 
 def coco_box_ap(gt: Sequence[Detections], pred: Sequence[Detections],
-                sizes: Sequence[tuple[int, int]], categories: Sequence[str]
+                sizes: Sequence[tuple[int, int]], categories: Sequence[str],
+                federated: Sequence[Federated] | None = None
                 ) -> tuple[dict[str, float], list[dict]]:
     """COCO bbox stats (COCO_STATS; -1 where undefined, as pycocotools) and per-category AP.
 
     Images are given in order (ids 1..N) with their (width, height); predictions with label -1
-    are left out; an inverted box side counts as zero extent.
+    are left out; an inverted box side counts as zero extent. With `federated` (LVIS), the
+    library's LVIS protocol judges each image only on its verified categories.
     """
     if not any(len(d.boxes) for d in gt):
         return dict.fromkeys(COCO_STATS, -1.0), [_class_row(c) for c in categories]
     gt_dataset = _gt_dataset(gt, sizes, categories)
+    if federated is not None:
+        _add_federated(gt_dataset, federated)
     coco_gt, coco_dt = COCO(gt_dataset), COCO(_pred_dataset(pred, gt_dataset))
-    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=_quiet)
+    ev = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=_quiet,
+                         lvis_style=federated is not None)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
@@ -120,6 +129,16 @@ def _gt_dataset(gt: Sequence[Detections], sizes: Sequence[tuple[int, int]],
     images = [{"id": i + 1, "width": w, "height": h} for i, (w, h) in enumerate(sizes)]
     cats = [{"id": k + 1, "name": c} for k, c in enumerate(categories)]
     return {"images": images, "annotations": _annotations(gt), "categories": cats}
+
+
+def _add_federated(gt_dataset: dict, federated: Sequence[Federated]) -> None:
+    """LVIS image lists (category ids = index + 1), and a frequency group on every category
+    because the library's LVIS mode needs one (APr/APc/APf are not reported)."""
+    for image, f in zip(gt_dataset["images"], federated, strict=True):
+        image["neg_category_ids"] = (f.neg + 1).tolist()
+        image["not_exhaustive_category_ids"] = (f.not_exhaustive + 1).tolist()
+    for cat in gt_dataset["categories"]:
+        cat["frequency"] = "f"
 
 
 def _pred_dataset(pred: Sequence[Detections], gt_dataset: dict) -> dict:

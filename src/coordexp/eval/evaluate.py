@@ -1,23 +1,18 @@
-"""Scoring predictions against ground truth (COCO AP + matching F1) and the `coordexp eval` command.
-
-Pred JSONL line: {"images": [path], "width": W, "height": H,
-                  "objects": [{"desc": str, "bbox_2d": [x1, y1, x2, y2] pixels, "score": float}],
-                  "raw_text": str (optional), "parse_*": counters (optional)}.
-Without "objects" the "raw_text" is parsed (bins -> pixels of the GT image); box scores then
-come from "token_pieces" + "token_logprobs", or from constant_score when that is asked for.
+"""Scoring predictions against ground truth (COCO AP + matching F1) and the `coordexp eval`
+command. One path: typed per-image predictions -> desc labels -> one class-agnostic match per
+image -> metrics, per-image rows and the matches themselves (which monitor dumps reuse).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from coordexp.codec import CoordCodec
 from coordexp.data.records import Record, read_records
 from coordexp.errors import UserError
 from coordexp.eval.coco_map import (
@@ -27,31 +22,39 @@ from coordexp.eval.coco_map import (
     coco_box_ap,
     semantic_available,
 )
-from coordexp.eval.f1 import F1Counts, ImageMatch, MatchOptions, f1_metrics, match_images
-from coordexp.eval.scores import box_scores
-from coordexp.parsing import REASONS, ParseResult, parse_coordjson, parse_coordjson_tokens
+from coordexp.eval.f1 import ImageMatch, f1_metrics, match_images
+from coordexp.eval.lvis import count_unverified, federated_labels, federated_names
+from coordexp.eval.predictions import (
+    PARSE_COUNTERS,
+    Prediction,
+    align_lines,
+    read_prediction,
+    read_prediction_lines,
+)
+from coordexp.matching import MatchConfig
 
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
                "precision", "recall", "f1", "pred_objects", "gt_objects_total", "matched",
                "fp_total", "fn_total", "gating_rejections", "matched_iou_mean", "f1@0.5",
                "f1@0.75")
-PARSE_COUNTERS = ("parse_invalid_rollout", "parse_truncated", "parse_dropped_invalid",
-                  "parse_dropped_ambiguous") + tuple(f"parse_dropped_{r}" for r in REASONS)
-_CODEC = CoordCodec()
-_JSON_NUMBER = (int, float)  # exact types, so a JSON true/false is not a number
+_MATCH_KEYS = {f.name for f in dataclasses.fields(MatchConfig)}
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    iou_gate: float = 0.3
-    candidate_top_k: int = 10
-    fp_cost: float = 1.0
-    fn_cost: float = 1.0
+    match: MatchConfig = field(default_factory=MatchConfig)
     semantic: bool | None = None  # map unknown descs with MiniLM; None: when it is installed
     semantic_threshold: float = SEMANTIC_THRESHOLD
     constant_score: float | None = None  # give every box this score (AP then follows order)
     desc_weight: float = 0.0  # fuse desc-token probability into scores parsed from raw_text
     field_order: str = "desc_first"
+
+    @classmethod
+    def of(cls, **opts) -> EvalOptions:
+        """EvalOptions from keywords; MatchConfig's fields (iou_gate, ...) go to `match`."""
+        knobs = {k: opts.pop(k) for k in list(opts) if k in _MATCH_KEYS}
+        match = dataclasses.replace(opts.pop("match", MatchConfig()), **knobs)
+        return cls(match=match, **opts)
 
 
 @dataclass
@@ -60,14 +63,7 @@ class Evaluation:
     counters: dict  # parse and desc-mapping counts, as sums, plus two rates: counters.json
     per_class: list[dict]
     per_image: list[dict]
-
-
-@dataclass(frozen=True)
-class PredImage:
-    descs: list[str]
-    boxes_px: np.ndarray  # [P, 4] xyxy
-    scores: np.ndarray  # [P]
-    parse: dict[str, int]  # PARSE_COUNTERS of this record
+    matches: list[ImageMatch]  # per GT record: its predictions' indices against its objects'
 
 
 def evaluate_records(gt_records: list[Record], pred_records: list[dict], **opts) -> dict:
@@ -77,203 +73,76 @@ def evaluate_records(gt_records: list[Record], pred_records: list[dict], **opts)
 
 def evaluate_detections(gt_records: list[Record], pred_records: list[dict],
                         **opts) -> Evaluation:
-    """Metrics, counters, per-class and per-image rows; options: EvalOptions fields."""
+    """Metrics, counters, per-class and per-image rows for pred JSONL objects; options:
+    EvalOptions fields, or MatchConfig's."""
     located = [(p, f"pred record {i}") for i, p in enumerate(pred_records)]
-    return _evaluate(gt_records, located, EvalOptions(**opts), "the predictions")
+    return _evaluate_lines(gt_records, located, EvalOptions.of(**opts), "the predictions")
 
 
-def _evaluate(gt_records: list[Record], preds: list[tuple[object, str]], opts: EvalOptions,
-              source: str) -> Evaluation:
-    aligned = _align(gt_records, preds, source)
-    pred_images = [_read_prediction(obj, where, gt, opts) if obj is not None else None
-                   for gt, (obj, where) in zip(gt_records, aligned, strict=True)]
-    categories = list(dict.fromkeys(o.desc for r in gt_records for o in r.objects))
+def _evaluate_lines(gt_records: list[Record], lines: list[tuple[object, str]],
+                    opts: EvalOptions, source: str) -> Evaluation:
+    aligned = align_lines(gt_records, lines, source)
+    preds = [read_prediction(obj, where, gt, constant_score=opts.constant_score,
+                             desc_weight=opts.desc_weight, field_order=opts.field_order)
+             if obj is not None else None
+             for gt, (obj, where) in zip(gt_records, aligned, strict=True)]
+    return evaluate_predictions(gt_records, preds, opts)
+
+
+def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None],
+                         opts: EvalOptions) -> Evaluation:
+    """Evaluate predictions aligned with the GT records (None: no prediction for it)."""
+    lvis_names = federated_names(gt_records)  # None unless the GT carries LVIS labels
+    categories = list(dict.fromkeys([o.desc for r in gt_records for o in r.objects]
+                                    + (lvis_names or [])))
     semantic = semantic_available() if opts.semantic is None else opts.semantic
     if semantic and not semantic_available():
         raise UserError("semantic desc mapping needs the sentence encoder: "
                         "pip install 'coordexp[semantic]'")
     mapper = DescMapper(categories, semantic=semantic, threshold=opts.semantic_threshold)
     gt_dets = [_gt_detections(r, mapper) for r in gt_records]
-    pred_dets = _pred_detections(pred_images, mapper)
-    match_opts = MatchOptions(opts.iou_gate, opts.candidate_top_k, opts.fp_cost, opts.fn_cost)
-    matches = match_images([p.boxes for p in pred_dets], [g.boxes for g in gt_dets], match_opts)
-    counts, per_image = F1Counts(), []
-    for r, g, p, pi, m in zip(gt_records, gt_dets, pred_dets, pred_images, matches, strict=True):
-        counts.add(len(p.boxes), len(g.boxes), m)
-        per_image.append(_image_row(r, g, p, pi, m))
+    pred_dets = _pred_detections(preds, mapper)
+    matches = match_images([p.boxes for p in pred_dets], [g.boxes for g in gt_dets], opts.match)
+    per_image = [_image_row(r, g, p, pi, m) for r, g, p, pi, m in
+                 zip(gt_records, gt_dets, pred_dets, preds, matches, strict=True)]
+    federated = None if lvis_names is None else federated_labels(gt_records, mapper.cache)
     stats, per_class = coco_box_ap(gt_dets, pred_dets, [(r.width, r.height) for r in gt_records],
-                                   categories)
-    merged = stats | f1_metrics(counts)
+                                   categories, federated)
+    merged = stats | f1_metrics(per_image)
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
-    counters = _counters(pred_images, pred_dets, mapper, categories)
-    return Evaluation(metrics, counters, per_class, per_image)
-
-
-def _align(gt_records: list[Record], preds: list[tuple[object, str]],
-           source: str) -> list[tuple[object, str]]:
-    """For every GT record, its pred record (None if absent) and where that came from."""
-    index = {}
-    for i, r in enumerate(gt_records):
-        if r.image in index:
-            raise UserError(f"ground truth lists image {r.image!r} twice (records "
-                            f"{index[r.image] + 1} and {i + 1}); images must be unique")
-        index[r.image] = i
-    keys = [_image_key(obj, where) for obj, where in preds]
-    if not any(k in index for k in keys):
-        first = f" (first: {keys[0]!r})" if keys else ""
-        raise UserError(f"{source}: none of its {len(keys)} records names an image of the "
-                        f"ground truth{first}; write image paths exactly as the GT file does")
-    aligned: list[tuple[object, str]] = [(None, "")] * len(gt_records)
-    for key, (obj, where) in zip(keys, preds, strict=True):
-        if key not in index:
-            raise UserError(f"{where}: image {key!r} is not in the ground truth")
-        if aligned[index[key]][0] is not None:
-            raise UserError(f"{where}: image {key!r} already has predictions at "
-                            f"{aligned[index[key]][1]}")
-        aligned[index[key]] = (obj, where)
-    return aligned
-
-
-def _image_key(obj: object, where: str) -> str:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: a prediction record must be a JSON object")
-    images = obj.get("images")
-    if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str)):
-        raise UserError(f"{where}: 'images' must be a list with exactly one path")
-    return images[0]
-
-
-def _read_prediction(obj: dict, where: str, gt: Record, opts: EvalOptions) -> PredImage:
-    for key, size in (("width", gt.width), ("height", gt.height)):
-        if key in obj and obj[key] != size:
-            raise UserError(f"{where}: {key} {obj[key]!r} differs from the ground truth's "
-                            f"{size} for {gt.image!r}; boxes must be pixels of the same image")
-    if "objects" in obj:
-        return _read_objects(obj, where, opts)
-    if "raw_text" in obj:
-        return _parse_raw_text(obj, where, gt, opts)
-    raise UserError(f"{where}: needs 'objects' (pixel boxes with scores) or 'raw_text'")
-
-
-def _read_objects(obj: dict, where: str, opts: EvalOptions) -> PredImage:
-    objects = obj["objects"]
-    if not isinstance(objects, list):
-        raise UserError(f"{where}: 'objects' must be a list")
-    need_score = opts.constant_score is None
-    for i, o in enumerate(objects):
-        problem = None if _is_pred_object(o, need_score) else _object_problem(o, need_score)
-        if problem is not None:
-            raise UserError(f"{where}: object {i}: {problem}")
-    boxes = _boxes([o["bbox_2d"] for o in objects])
-    scores = np.asarray([o["score"] for o in objects] if need_score
-                        else [opts.constant_score] * len(objects), dtype=np.float64)
-    finite = np.isfinite(boxes).all(1) & np.isfinite(scores)  # [P]
-    if not finite.all():
-        raise UserError(f"{where}: object {int(np.argmin(finite))}: box and score must be finite")
-    parse = {}
-    for key in PARSE_COUNTERS:
-        value = obj.get(key, 0)
-        if not (isinstance(value, int) and value >= 0):
-            raise UserError(f"{where}: {key!r} must be a count, got {value!r}")
-        parse[key] = int(value)
-    return PredImage([o["desc"] for o in objects], boxes, scores, parse)
-
-
-def _is_pred_object(o: object, need_score: bool) -> bool:
-    """A quick shape check of one predicted object (it runs for every box); what it does
-    not accept goes through _object_problem."""
-    if type(o) is not dict or type(o.get("desc")) is not str:
-        return False
-    box = o.get("bbox_2d")
-    return (type(box) is list and len(box) == 4 and all(type(v) in _JSON_NUMBER for v in box)
-            and (not need_score or type(o.get("score")) in _JSON_NUMBER))
-
-
-def _object_problem(o: object, need_score: bool) -> str | None:
-    """What is wrong with one predicted object, None if nothing."""
-    if not (isinstance(o, dict) and isinstance(o.get("desc"), str)):
-        return "needs a string 'desc'"
-    box = o.get("bbox_2d")
-    if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
-        return "'bbox_2d' must be 4 pixel numbers [x1, y1, x2, y2]"
-    if need_score and not _is_number(o.get("score")):
-        return ("needs a finite number 'score' (AP ranks by it); to rank by emission order "
-                "instead, evaluate with constant_score=1.0")
-    return None
-
-
-def _parse_raw_text(obj: dict, where: str, gt: Record, opts: EvalOptions) -> PredImage:
-    text, pieces, logprobs = obj["raw_text"], obj.get("token_pieces"), obj.get("token_logprobs")
-    if not isinstance(text, str):
-        raise UserError(f"{where}: 'raw_text' must be a string")
-    if pieces is None and opts.constant_score is None:
-        raise UserError(f"{where}: 'raw_text' alone gives no box scores; add 'token_pieces' and "
-                        "'token_logprobs', or evaluate with constant_score=1.0")
-    if pieces is None:
-        result = parse_coordjson(text, field_order=opts.field_order)
-        scores = [opts.constant_score] * len(result.objects)
-    else:
-        _check_tokens(pieces, logprobs, text, where)
-        result = parse_coordjson_tokens(pieces, field_order=opts.field_order)
-        scores = box_scores(logprobs, result.tokens, desc_weight=opts.desc_weight)
-        if opts.constant_score is not None:
-            scores = [opts.constant_score] * len(scores)
-    boxes = [_CODEC.box_bins_to_px(o["bbox_2d"], gt.width, gt.height) for o in result.objects]
-    descs = [o["desc"] for o in result.objects]
-    return PredImage(descs, _boxes(boxes), np.asarray(scores, dtype=np.float64),
-                     _parse_counts(result))
-
-
-def _check_tokens(pieces: object, logprobs: object, text: str, where: str) -> None:
-    if not (isinstance(pieces, list) and all(isinstance(p, str) for p in pieces)):
-        raise UserError(f"{where}: 'token_pieces' must be a list of strings")
-    if not (isinstance(logprobs, list) and len(logprobs) == len(pieces)
-            and all(map(_is_number, logprobs))):
-        raise UserError(f"{where}: 'token_logprobs' must be one number per token piece")
-    if "".join(pieces) != text:
-        raise UserError(f"{where}: 'token_pieces' do not concatenate to 'raw_text'")
-
-
-def _parse_counts(r: ParseResult) -> dict[str, int]:
-    counts = {"parse_invalid_rollout": int(r.invalid_rollout), "parse_truncated": int(r.truncated),
-              "parse_dropped_invalid": r.dropped_invalid,
-              "parse_dropped_ambiguous": r.dropped_ambiguous}
-    return counts | {f"parse_dropped_{k}": v for k, v in r.dropped_by_reason.items()}
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _boxes(rows: list) -> np.ndarray:
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)  # [N, 4]
+    counters = _counters(preds, pred_dets, mapper, categories)
+    if federated is not None:
+        counters["lvis_unverified_ignored"] = count_unverified(pred_dets, gt_dets, federated)
+    return Evaluation(metrics, counters, per_class, per_image, matches)
 
 
 def _gt_detections(r: Record, mapper: DescMapper) -> Detections:
     labels = np.asarray([mapper.cache[o.desc] for o in r.objects], dtype=np.int64)
-    return Detections(_boxes([o.box_px for o in r.objects]), labels)
+    boxes = np.asarray([o.box_px for o in r.objects], dtype=np.float64).reshape(-1, 4)
+    return Detections(boxes, labels)
 
 
-def _pred_detections(preds: list[PredImage | None], mapper: DescMapper) -> list[Detections]:
+def _pred_detections(preds: list[Prediction | None], mapper: DescMapper) -> list[Detections]:
     """Category labels for every prediction, mapping all unknown descs in one batch."""
     labels = iter(mapper.map([d for p in preds if p is not None for d in p.descs]))
     out = []
     for p in preds:
         if p is None:
-            out.append(Detections(_boxes([]), np.zeros(0, np.int64), np.zeros(0)))
+            out.append(Detections(np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0)))
             continue
         lab = np.fromiter((next(labels) for _ in p.descs), dtype=np.int64, count=len(p.descs))
         out.append(Detections(p.boxes_px, lab, p.scores))
     return out
 
 
-def _image_row(r: Record, g: Detections, p: Detections, pi: PredImage | None,
+def _image_row(r: Record, g: Detections, p: Detections, pi: Prediction | None,
                m: ImageMatch) -> dict:
     row = {"image": r.image, "has_pred_record": pi is not None, "gt_objects": len(g.boxes),
            "pred_objects": len(p.boxes), "matched": len(m.match.pairs),
            "fp": len(m.match.fp_indices), "fn": len(m.match.fn_indices),
            "gating_rejections": m.match.gating_rejections,
+           "matched_iou_sum": float(sum(m.match.matched_ious)),
            "unknown_desc": int((p.labels < 0).sum())}
     row |= {f"matched@{t}": n for t, n in m.matched_at.items()}
     return row | (pi.parse if pi is not None else {})
@@ -290,7 +159,7 @@ def _add_class_counts(per_class: list[dict], gt: list[Detections],
         row["gt_objects"], row["pred_objects"] = int(gt_n[i]), int(pred_n[i])
 
 
-def _counters(preds: list[PredImage | None], dets: list[Detections], mapper: DescMapper,
+def _counters(preds: list[Prediction | None], dets: list[Detections], mapper: DescMapper,
               categories: list[str]) -> dict:
     present = [p for p in preds if p is not None]
     counters = {k: sum(p.parse[k] for p in present) for k in PARSE_COUNTERS}
@@ -321,8 +190,8 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
     """`coordexp eval`: write metrics.json, counters.json, per_class.json/.csv and
     per_image.json to out_dir and print a compact table."""
     gt = read_records(gt_path, check_images=False)
-    preds = read_prediction_lines(pred_path)
-    ev = _evaluate(gt, preds, EvalOptions(**opts), str(pred_path))
+    lines = read_prediction_lines(pred_path)
+    ev = _evaluate_lines(gt, lines, EvalOptions.of(**opts), str(pred_path))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, value in (("metrics", ev.metrics), ("counters", ev.counters),
@@ -335,24 +204,6 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
     print(format_table(ev))
     print(f"wrote {out}/metrics.json, counters.json, per_class.json/.csv, per_image.json")
     return 0
-
-
-def read_prediction_lines(path: str | Path) -> list[tuple[object, str]]:
-    """Decoded JSON lines with their "file:line"; blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    lines = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                                ) from None
-    return lines
 
 
 def format_table(ev: Evaluation) -> str:
@@ -374,7 +225,8 @@ def format_table(ev: Evaluation) -> str:
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
         f"  images_without_pred_record {c['images_without_pred_record']}",
-    ])
+    ] + ([f"lvis: federated AP; unverified_ignored {c['lvis_unverified_ignored']}"]
+         if "lvis_unverified_ignored" in c else []))
 
 
 def _show(v: float | int) -> str:

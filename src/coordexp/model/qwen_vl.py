@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import transformers as T
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from coordexp.errors import UserError
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name, as on the Hugging Face hub
 PROCESSORS = {"qwen2_5_vl": T.Qwen2_5_VLProcessor, "qwen2_vl": T.Qwen2VLProcessor,
               "qwen3_vl": T.Qwen3VLProcessor}
 
@@ -48,21 +52,36 @@ def model_family(model_dir: str | Path) -> str:
     return config.model_type
 
 
-def load_vlm(model_dir: str | Path, dtype=None):
-    """(model, processor, family) from a saved HF directory, or from an adapter checkpoint
-    (merged into its base here); fails clearly if it is incomplete."""
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory as given, or a hub id (`Qwen/Qwen2.5-VL-3B-Instruct`) resolved to its
+    snapshot in the local Hugging Face cache (HF_HOME); nothing is ever downloaded."""
+    if Path(path).is_dir() or not HUB_ID.fullmatch(str(path)):
+        return Path(path)
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):  # not cached; not a valid hub id
+        raise UserError(f"{path}: no such directory, and no such model in the local Hugging Face "
+                        f"cache ({constants.HF_HUB_CACHE}); fetch it with `hf download {path}`, "
+                        "or point HF_HOME at the cache that holds it") from None
+
+
+def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None = None):
+    """(model, processor, family) from a saved HF directory, a cached hub id, or an adapter
+    checkpoint (merged into its base here); fails clearly if it is incomplete.
+    `attn_implementation`: "sdpa", "flash_attention_2" or "eager" (None: the HF default)."""
     from coordexp.model.tuning import ADAPTER_CONFIG, adapter_base, merge_adapter
 
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     if (model_dir / ADAPTER_CONFIG).is_file():
-        base, _, family = load_vlm(adapter_base(model_dir), dtype)
+        base, _, family = load_vlm(adapter_base(model_dir), dtype, attn_implementation)
         return merge_adapter(base, model_dir), load_processor(model_dir, family), family
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
     family = model_family(model_dir)
     processor = load_processor(model_dir, family)
     try:
-        model = T.AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+        model = T.AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:  # truncated / missing safetensors
         raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
     return model, processor, family

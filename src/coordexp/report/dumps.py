@@ -9,18 +9,11 @@ from collections import Counter
 import numpy as np
 
 from coordexp.diagnostics import near_duplicate_pairs, ordering_violations
+from coordexp.eval.f1 import precision_recall_f1
 
 DUP_THRESHOLDS = (0.9, 0.95)
 CROWDED_MIN = 5  # a scene is crowded when one class has at least this many GT objects
 WORST_COUNT = 3
-
-
-def precision_recall_f1(matched: int, num_pred: int, num_gt: int) -> tuple[float, float, float]:
-    """The monitor dump's convention: an empty side scores 1 only when the other is empty too."""
-    precision = matched / num_pred if num_pred else float(not num_gt)
-    recall = matched / num_gt if num_gt else float(not num_pred)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
 
 
 def class_hist(objects: list[dict]) -> dict[str, int]:

@@ -143,6 +143,3 @@ def to_html(blocks: list[Block], title: str) -> str:
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             f"{body}\n</body>\n</html>\n")
 
-
-def figure_paths(blocks: list[Block]) -> list[str]:
-    return [b.path for b in blocks if isinstance(b, Figure)]

@@ -5,7 +5,7 @@ embeddings built from the previous pass's coord distribution (`st` / `soft` / `h
 Two implementations give the same hidden states and gradients:
 - `fast`: the vision tower runs once, the prefix before the first coord slot runs once and its
   keys/values are shared by every pass, logits are computed later only at the rows a loss
-  reads (`HiddenHead`), and (`softctx_recompute`) the non-final passes recompute their suffix
+  reads (`lmhead.HiddenHead`), and (`softctx_recompute`) the non-final passes recompute their suffix
   in backward rather than keep its activations;
 - `reference`: the plain full recompute (full model, full logits, every pass), kept for tests and
   the benchmark. It too passes explicit M-RoPE positions.
@@ -21,7 +21,7 @@ from torch import Tensor
 from coordexp.config import Stage2ABConfig
 from coordexp.data.collate import Batch
 from coordexp.decode import compute_dtype, coord_probs, straight_through
-from coordexp.lmhead import coord_slice_logits, label_logits, vocab_logsumexp
+from coordexp.lmhead import Head, HiddenHead, LogitsHead, Rows
 from coordexp.model.adapter import (
     embed_multimodal,
     input_embeddings,
@@ -30,66 +30,6 @@ from coordexp.model.adapter import (
     run_prefix,
     run_suffix,
 )
-
-
-class HiddenHead:
-    """LM-head outputs from hidden states [B, T, D], only at the rows asked for.
-
-    Every method takes target positions (b [M], t [M]) and reads row t - 1 (the causal shift).
-    """
-
-    def __init__(self, hidden: Tensor, weight: Tensor, coord_ids: Tensor):
-        self.hidden, self.weight, self.coord_ids = hidden, weight, coord_ids
-
-    def rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, D]
-        return self.hidden[b, t - 1]
-
-    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
-        return vocab_logsumexp(rows, self.weight, temperature=temperature)
-
-    def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
-        return self.lse_of_rows(self.rows(b, t), temperature)
-
-    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:  # [M, K]
-        return coord_slice_logits(self.rows(b, t), self.weight, self.coord_ids)
-
-    def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:  # [M]
-        return label_logits(self.rows(b, t), self.weight, labels)
-
-
-class LogitsHead:
-    """The same outputs read from full logits [B, T, V] (the reference path)."""
-
-    def __init__(self, logits: Tensor, coord_ids: Tensor):
-        self.logits, self.coord_ids = logits, coord_ids
-
-    def rows(self, b: Tensor, t: Tensor) -> Tensor:  # [M, V]
-        return self.logits[b, t - 1].to(compute_dtype(self.logits))
-
-    def lse_of_rows(self, rows: Tensor, temperature: float = 1.0) -> Tensor:  # [M]
-        return (rows / temperature).logsumexp(-1)
-
-    def vocab_lse(self, b: Tensor, t: Tensor, temperature: float = 1.0) -> Tensor:
-        return self.lse_of_rows(self.rows(b, t), temperature)
-
-    def coord_logits(self, b: Tensor, t: Tensor) -> Tensor:
-        return self.rows(b, t)[:, self.coord_ids]
-
-    def label_logits(self, b: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        return self.rows(b, t).gather(-1, labels[:, None])[:, 0]
-
-
-Head = HiddenHead | LogitsHead
-
-
-def joint_vocab_lse(queries: dict[str, tuple[Head, Tensor, Tensor]],
-                    temperature: float = 1.0) -> dict[str, Tensor]:
-    """vocab_lse of several (head, b, t) row sets of one model in a single LM-head call: one
-    pass over the vocabulary and one weight-gradient buffer instead of one per set."""
-    heads = [q[0] for q in queries.values()]
-    rows = torch.cat([head.rows(b, t) for head, b, t in queries.values()])
-    lse = heads[0].lse_of_rows(rows, temperature)
-    return dict(zip(queries, lse.split([len(b) for _, b, _ in queries.values()]), strict=True))
 
 
 @dataclass
@@ -130,12 +70,12 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
     out = SoftContextOutput(first, first)
     if s.n_softctx_iter == 1 or len(batch.coord_t) == 0:  # without slots every pass is A1
         return out
-    slots = (batch.coord_b, batch.coord_t)
+    slots = Rows(batch.coord_b, batch.coord_t)
     detach = s.softctx_grad_mode == "em_detach"
     for m in range(1, s.n_softctx_iter):
         last = m == s.n_softctx_iter - 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and (last or not detach)):
-            logits = out.final.coord_logits(*slots)  # [N, K] of the previous pass
+            logits = out.final.coord_logits(slots)  # [N, K] of the previous pass
             if m == 1:
                 out.first_coord_logits = logits
             ctx = context_embeddings(logits, table, s.coord_ctx_embed_mode,
@@ -143,7 +83,7 @@ def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
             if detach:
                 ctx = ctx.detach()
             out.replacements.append(ctx)
-            out.final = run(base.index_put(slots, ctx.to(base.dtype)), final=last)
+            out.final = run(base.index_put((slots.b, slots.t), ctx.to(base.dtype)), final=last)
     return out
 
 

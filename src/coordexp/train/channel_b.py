@@ -14,6 +14,7 @@ If the sample had dropped-invalid objects, the appended struct tokens are weight
 
 from __future__ import annotations
 
+import dataclasses
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from coordexp.config import Config
-from coordexp.data.collate import COORD, DESC, STRUCT, Batch, Collator, load_image
+from coordexp.data.collate import COORD, DESC, STRUCT, Batch, Collator
 from coordexp.data.records import Record
 from coordexp.data.render import render_object, sorted_objects_bins
 from coordexp.matching import match_boxes
@@ -81,14 +82,32 @@ def prefix_tokens(rollout: Rollout, parse: ParseResult, tokenizer
 
 def build_target(rollout: Rollout, record: Record, collator: Collator,
                  cfg: Config) -> SampleTarget:
-    """Parse -> match -> the supervised answer for one rollout."""
-    codec, order, r = collator.codec, cfg.data.field_order, cfg.rollout
+    """Parse -> match -> the supervised answer for one rollout.
+
+    Worked example (tiny BPE tokenizer, a 1000 px image, so pixels are bins). GT: cat
+    [100, 100, 200, 200] and dog [500, 500, 600, 600]. Rollout: the cat near its GT, then a
+    false-positive cup, then `]}`. Token, type (0 none / 1 struct / 2 desc / 3 coord), CE
+    weight, target bin:
+
+        '{"objects": [{"desc": "cat", "bbox_2d": ['   0  0.0   -1   merged into the container
+        '<|coord_102|>'                                3  0.0  100   matched: GT bins
+        ', '                                           1  1.0   -1   (x3, between the slots)
+        '<|coord_99|>' '<|coord_198|>' '<|coord_201|>' 3  0.0  100 / 200 / 200
+        ']}, {"desc": "cup", "bbox_2d": ['             0  0.0   -1   touches the FP: neutral
+        '<|coord_900|>' ', ' ... '<|coord_950|>' ']}'  0  0.0   -1   the FP: no supervision
+        ', {"' 'desc": "'                              1  1.0   -1   the missed dog, appended
+        'dog", "bbox_2d": ['                           2  1.0   -1   desc_ce_weight
+        '<|coord_500|>' ... '<|coord_600|>'            3  0.0  500 ... 600
+        ']}]}' '<|im_end|>'                            1  1.0   -1   closure: always supervised
+
+    The rollout's `]}]}` token is cut after the cup's `}`; its kept part is re-tokenized.
+    """
+    codec, order = collator.codec, cfg.data.field_order
     parse = parse_coordjson_tokens(rollout.pieces, field_order=order)
     gt = sorted_objects_bins(record, codec)  # [(desc, bins)] in the canonical order
     pred_bins = np.array([o["bbox_2d"] for o in parse.objects], dtype=float).reshape(-1, 4)
     gt_bins = np.array([b for _, b in gt], dtype=float).reshape(-1, 4)
-    match = match_boxes(pred_bins, gt_bins, candidate_top_k=r.candidate_top_k,
-                        iou_gate=r.iou_gate, fp_cost=r.fp_cost, fn_cost=r.fn_cost)
+    match = match_boxes(pred_bins, gt_bins, **dataclasses.asdict(cfg.match))
     text, prefix = prefix_tokens(rollout, parse, collator.tokenizer)
     types, bins = _prefix_supervision(text, prefix, parse, match.pairs, gt)
     missed = [gt[j] for j in sorted(match.fn_indices)]
@@ -152,15 +171,8 @@ def encode_targets(collator: Collator, records: list[Record],
                    targets: list[SampleTarget]) -> tuple[Batch, torch.Tensor]:
     """Prompt + image + answer tokens -> a right-padded Batch whose coord slots are exactly
     the supervised ones (targets from the GT), and the CE weights [B, T]."""
-    prompt = collator.prompt_text()
-    rows, types, vision, prompt_lens = [], [], [], []
-    for record, target in zip(records, targets, strict=True):
-        enc = collator.processor(text=[prompt], images=[load_image(record)], return_tensors="pt")
-        rows.append(enc["input_ids"][0].tolist() + target.ids)
-        types.append([0] * enc["input_ids"].shape[1] + target.types)
-        vision.append(enc)
-        prompt_lens.append(enc["input_ids"].shape[1])
-    batch = collator.pad(records, rows, types, vision, prompt_lens)
+    batch = collator.encode(records, [(t.ids, t.types) for t in targets])
+    prompt_lens = batch.prompt_lens.tolist()
     weights = torch.zeros(batch.token_type.shape)
     bins = torch.full(batch.token_type.shape, NO_TARGET)
     for b, (p, target) in enumerate(zip(prompt_lens, targets, strict=True)):

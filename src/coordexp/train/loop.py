@@ -45,7 +45,7 @@ from coordexp.train.engine import (
     wrap,
 )
 from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
-from coordexp.train.step import add_stats
+from coordexp.train.terms import add_stats
 
 
 class NonFiniteLoss(RuntimeError):
@@ -140,7 +140,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         state.__dict__.update(load_checkpoint(ckpt, model, optimizer, scheduler, order))
     if main:
         write_metadata(run_dir, cfg, world)
-    log = RunLog(run_dir, main, resume_step=state.step if resume else None)
+    log = RunLog(run_dir, main, resume_step=state.step if resume else None,
+                 report_to=t.report_to)
     evaluate = make_evaluator(cfg, engine, processor, val_records, run_dir, log, rank, world)
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not main)

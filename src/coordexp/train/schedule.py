@@ -13,7 +13,7 @@ from math import floor
 
 import torch
 
-from coordexp.train.step import stat
+from coordexp.train.terms import stat
 
 REALIZED_WINDOW = 200  # optimizer steps over which stage2_ab/b_ratio_realized is measured
 

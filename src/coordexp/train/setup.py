@@ -80,9 +80,9 @@ def build_step_fn(cfg: Config, model, collator: Collator):
     its adapter layers sit in place, so the step needs no PEFT wrapper)."""
     coord_ids = torch.tensor(collator.codec.token_ids(collator.tokenizer))
     if cfg.training.stage == "stage2_ab":
-        from coordexp.train.stage2 import make_stage2_step
+        from coordexp.train.stage2 import Stage2Step
 
-        return make_stage2_step(model, collator, cfg, coord_ids)
+        return Stage2Step(model, collator, cfg, coord_ids)
     device = next(model.parameters()).device
     coord_ids = coord_ids.to(device)
     return lambda records, step: stage1_step(model, collator(records).to(device), cfg, coord_ids)
