@@ -208,10 +208,16 @@ def test_infer_writes_the_same_predictions_from_adapter_and_merged(tiny_tokenize
     assert sum(len(json.loads(line)["raw_text"]) for line in outs[0].splitlines()) > 0
 
 
-def test_merge_of_a_missing_checkpoint_is_a_user_error(tmp_path, capsys):
+def test_merge_of_a_missing_or_baseless_checkpoint_is_a_user_error(tmp_path, capsys):
     assert main(["model", "merge", "--src", str(tmp_path / "nope"), "--dst",
                  str(tmp_path / "out")]) == 2
     assert "nope" in capsys.readouterr().err
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "adapter_config.json").write_text("{}")
+    assert main(["model", "merge", "--src", str(tmp_path / "orphan"), "--dst",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "base_model_name_or_path" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("override,key", [

@@ -66,7 +66,10 @@ def save_adapter(model: PeftModel, out_dir: Path, state_dict: dict | None = None
 
 def adapter_base(adapter_dir: Path) -> Path:
     """The model directory an adapter checkpoint applies to (itself possibly an adapter)."""
-    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG}: not a PEFT adapter config") from None
     if not base or not Path(base).is_dir():
         raise UserError(f"{adapter_dir}: its base model {base!r} (adapter_config.json "
                         "base_model_name_or_path) is not a directory here")
