@@ -71,6 +71,11 @@ class TrainingConfig:
     save_total_limit: int = 2
     metric_for_best: str = "rollout/mAP"
     eval_at_end: bool = True
+    # padding-free packing: none | static (a pack plan fixed once from the encoded lengths);
+    # with static, a micro-step is one packed row of up to packing_length tokens
+    packing: str = "none"
+    packing_length: int = 4096
+    packing_allow_single_long: bool = False  # a sample longer than a row runs alone
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb; logging.jsonl always
     gradient_checkpointing: bool = False  # LLM layers and ViT blocks keep only their inputs
     distributed: str = "ddp"  # ddp | fsdp (decoder layers and vision blocks as shard units)
@@ -167,6 +172,7 @@ REPORTERS = ("tensorboard", "wandb")  # training.report_to
 CHOICES = {
     "training.stage": ("stage1", "stage2_ab"),
     "training.mixed_precision": ("no", "bf16", "fp16"),
+    "training.packing": ("none", "static"),
     "data.field_order": ("desc_first", "geometry_first"),
     "model.coord_embed_init": ("mean", "ordinal"),
     "model.tuning": ("full", "lora", "dora"),
@@ -324,6 +330,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         raise UserError("temperatures and 'coord_soft_ce_w1.target_sigma' must be > 0")
     if c.target_truncate is not None and c.target_truncate < 0:
         raise UserError("'coord_soft_ce_w1.target_truncate' must be >= 0 or null")
+    if t.packing == "static" and (t.per_device_batch_size != 1 or t.packing_length < 1):
+        raise UserError("with training.packing=static a micro-step is one packed row: set "
+                        "training.per_device_batch_size=1 (effective_batch_size counts rows) "
+                        "and training.packing_length >= 1")
     if t.stage == "stage2_ab" and s.schedule.b_ratio > 0 and t.mixed_precision == "fp16":
         raise UserError("Channel B with fp16 is not supported; use "
                         "training.mixed_precision=bf16 or no")
@@ -344,6 +354,17 @@ def ignored_keys_notes(cfg: Config) -> list[str]:
     return [f"note: 'coord_soft_ce_w1.{key}' ({getattr(c, key)}) is read by Stage 1 only; this "
             f"Stage-2 run reads 'stage2_ab.{instead}' ({getattr(cfg.stage2_ab, instead)})"
             for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
+
+
+def packing_notes(cfg: Config) -> list[str]:
+    """What static packing leaves padded: Channel A with n_softctx_iter > 1."""
+    s = cfg.stage2_ab
+    if cfg.training.packing != "static" or cfg.training.stage != "stage2_ab" or \
+            s.n_softctx_iter == 1 or s.schedule.b_ratio == 1:
+        return []
+    return ["note: training.packing=static packs Stage 1, Channel B and Channel A with "
+            "n_softctx_iter 1; this Channel A (n_softctx_iter > 1) runs each pack's samples "
+            "right-padded, since its shared prefix needs rows that start at position 0"]
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -33,12 +33,15 @@ class Batch:
     coord_bins: torch.Tensor  # [N] target bin of each slot
     prompt_lens: torch.Tensor  # [B]
     sample_ids: list[str] = field(default_factory=list)
+    # packed rows only (data/packing.py): (row, start, length) of each sample [S, 3]
+    segments: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         move = lambda t: t.to(device)
         return Batch({k: move(v) for k, v in self.inputs.items()}, move(self.labels),
                      move(self.token_type), move(self.coord_b), move(self.coord_t),
-                     move(self.coord_bins), move(self.prompt_lens), self.sample_ids)
+                     move(self.coord_bins), move(self.prompt_lens), self.sample_ids,
+                     None if self.segments is None else move(self.segments))
 
 
 def load_image(record: Record) -> Image.Image:
@@ -67,6 +70,7 @@ class Collator:
         self.id_to_bin[torch.tensor(coord_ids)] = torch.arange(len(coord_ids))
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = self.tokenizer.pad_token_id
+        self._prompt_tokens: int | None = None
 
     def prompt_text(self) -> str:
         return self.processor.apply_chat_template(build_messages(), tokenize=False,
@@ -85,6 +89,18 @@ class Collator:
             else:
                 types.append(STRUCT)
         return enc["input_ids"] + [self.end_id], types + [STRUCT]
+
+    def sample_length(self, record: Record, answer: str | None = None) -> int:
+        """Tokens of the encoded sample (prompt with its image tokens, answer, end of turn) from
+        the record's size alone: a pack plan needs every length before any image is read."""
+        if answer is None:
+            answer = render_record(record, self.codec, self.field_order)
+        if self._prompt_tokens is None:  # the prompt's tokens with one image placeholder
+            self._prompt_tokens = len(self.tokenizer(self.prompt_text())["input_ids"])
+        ip = self.processor.image_processor
+        patches = ip.get_number_of_image_patches(record.height, record.width, None)
+        return self._prompt_tokens - 1 + patches // ip.merge_size ** 2 + \
+            len(self.answer_tokens(answer)[0])
 
     def __call__(self, records: list[Record], answers: list[str] | None = None) -> Batch:
         if answers is None:

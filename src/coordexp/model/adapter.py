@@ -16,6 +16,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from coordexp.data.collate import Batch
+from coordexp.data.packing import Layout, pack_batch, plan_packs
+from coordexp.model.packed_attention import use_packed_attention
+
 
 class ReplayCache(DynamicCache):
     """A DynamicCache whose writes may run twice: under per-layer activation checkpointing a
@@ -82,6 +86,20 @@ def rope_position_ids(model, inputs: dict[str, Tensor]) -> Tensor:
     return model.model.get_rope_index(
         inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
         image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])[0]
+
+
+def pack_rows(model, batch: Batch, packing_length: int) -> tuple[Batch, Layout]:
+    """The padded batch's samples as padding-free rows of up to packing_length tokens (a longer
+    sample runs alone). Each sample keeps the M-RoPE positions `get_rope_index` gives it in the
+    padded batch; a text row restarting per sample is prepended (the [4, R, L] position ids
+    Qwen2.5-VL / Qwen3-VL read for packed input), so with no attention mask the decoder builds
+    a block-diagonal causal mask (sdpa) or variable-length sequences (flash-attention). An
+    sdpa decoder is switched to sdpa per packed sample (model/packed_attention.py), which
+    skips the mask's cross-sample pairs."""
+    use_packed_attention(model)
+    lengths = batch.inputs["attention_mask"].sum(1).tolist()
+    packs = plan_packs(lengths, packing_length, allow_single_long=True)
+    return pack_batch(batch, rope_position_ids(model, batch.inputs), packs)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from coordexp.decode import compute_dtype, coord_probs, straight_through
 from coordexp.lmhead import Head, HiddenHead, LogitsHead, Rows
 from coordexp.model.adapter import (
     embed_multimodal,
+    hidden_states,
     input_embeddings,
     lm_head_weight,
     rope_position_ids,
@@ -62,6 +63,10 @@ def context_embeddings(coord_logits: Tensor, table: Tensor, mode: str,
 def soft_context_forward(model, batch: Batch, coord_ids: Tensor,
                          s: Stage2ABConfig) -> SoftContextOutput:
     """Run the n passes of Channel A with `s.channel_a_impl` and return their LM heads."""
+    if batch.segments is not None:  # packed rows (n = 1 only): the one pass is a plain forward
+        assert s.n_softctx_iter == 1, "Channel A with n_softctx_iter > 1 runs on padded rows"
+        head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
+        return SoftContextOutput(head, head)
     table = input_embeddings(model)(coord_ids)  # [K, D]: through the module, so hooks apply
     table = table.to(compute_dtype(table))
     base, run = (_fast_passes(model, batch, coord_ids, s.softctx_recompute)

@@ -26,6 +26,7 @@ from coordexp.config import (
     check_config,
     ignored_keys_notes,
     load_config,
+    packing_notes,
 )
 from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
@@ -34,7 +35,7 @@ from coordexp.errors import UserError
 from coordexp.model.tuning import hf_model
 from coordexp.predict import predict_records
 from coordexp.train.checkpoint import load_checkpoint, save_checkpoint
-from coordexp.train.data_order import DataOrder
+from coordexp.train.data_order import DataOrder, build_data_order
 from coordexp.train.engine import (
     StepModule,
     clip_gradients,
@@ -105,7 +106,7 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         accelerator.is_main_process
     check_config(cfg, world)
     if main:
-        for note in ignored_keys_notes(cfg):
+        for note in ignored_keys_notes(cfg) + packing_notes(cfg):
             print(note, file=sys.stderr)
     run_dir = Path(t.output_dir) / t.run_name
     if main and (run_dir / "logging.jsonl").exists() and not resume:
@@ -133,7 +134,7 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     gas = cfg.gradient_accumulation_steps(world)
-    order = DataOrder(len(train_records), t.seed, t.per_device_batch_size, rank, world)
+    order = build_data_order(t, train_records, collator, rank, world)
     state = TrainState()
     if resume:
         ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)

@@ -9,9 +9,10 @@ from torch import Tensor
 
 from coordexp.config import Config
 from coordexp.data.collate import COORD, DESC, STRUCT, Batch
+from coordexp.data.packing import Layout
 from coordexp.lmhead import HiddenHead
 from coordexp.losses import weighted_mean
-from coordexp.model.adapter import hidden_states, lm_head_weight
+from coordexp.model.adapter import hidden_states, lm_head_weight, pack_rows
 from coordexp.train.terms import (
     StepOutput,
     objective_weights,
@@ -25,8 +26,17 @@ from coordexp.train.terms import (
 )
 
 
+def pack_step_batch(model, batch: Batch, cfg: Config) -> tuple[Batch, Layout | None]:
+    """With training.packing=static, the micro-step's samples as packed rows (a pack of the
+    plan fills one row); otherwise the padded batch as it is."""
+    if cfg.training.packing == "none":
+        return batch, None
+    return pack_rows(model, batch, cfg.training.packing_length)
+
+
 def stage1_step(model, batch: Batch, cfg: Config, coord_ids: Tensor) -> StepOutput:
     c = cfg.coord_soft_ce_w1
+    batch, _ = pack_step_batch(model, batch, cfg)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
     if not c.enabled:  # the pure-CE ablation: coord tokens stay in the full-vocabulary CE
         rows = typed_rows(batch, (STRUCT, DESC, COORD))

@@ -27,6 +27,7 @@ from coordexp.rollout import generate_rollouts
 from coordexp.train.channel_a import soft_context_forward
 from coordexp.train.channel_b import build_target, encode_targets, rollout_stats
 from coordexp.train.schedule import is_channel_b, schedule_stats
+from coordexp.train.stage1 import pack_step_batch
 from coordexp.train.terms import (
     StepOutput,
     mean_stat,
@@ -46,6 +47,8 @@ def channel_a_step(model, batch: Batch, cfg: Config, coord_ids: Tensor) -> StepO
     """n soft self-context passes -> A1 token CE (+ the final pass's struct CE) -> coord, box
     and text-gate terms on the final pass -> the weighted total."""
     s, c = cfg.stage2_ab, cfg.coord_soft_ce_w1
+    if s.n_softctx_iter == 1:  # n > 1 keeps padded rows: its shared prefix starts at 0
+        batch, _ = pack_step_batch(model, batch, cfg)
     passes = soft_context_forward(model, batch, coord_ids, s)
     first, final = passes.first, passes.final
     self_context = final is not first  # n > 1 and there are coord slots to feed back
@@ -86,6 +89,9 @@ def channel_b_step(model, collator: Collator, records: list[Record], cfg: Config
                                                                        strict=True)]
     batch, weights = encode_targets(collator, records, targets)
     batch, weights = batch.to(coord_ids.device), weights.to(coord_ids.device)
+    batch, layout = pack_step_batch(model, batch, cfg)
+    if layout is not None:
+        weights = layout.pack(weights, 0.0)
     head = HiddenHead(hidden_states(model, batch.inputs), lm_head_weight(model), coord_ids)
     text, is_struct = text_rows(batch)
     slots = slot_rows(batch)
