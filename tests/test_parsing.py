@@ -100,10 +100,16 @@ EDGE_CASES = {
         '{"objects": [' + obj("cat") + '], "count": 1}', "desc_first", ["cat"], {"other": 1},
         False, False),
     "non_object_element": (wrap(obj("cat"), "5", obj("dog")), "desc_first", ["cat"],
-                           {"other": 1}, False, False),
+                           {"other": 2}, False, False),
     "missing_object_separator": (
         '{"objects": [' + obj("cat") + " " + obj("dog") + "]}", "desc_first", ["cat"],
-        {"other": 1}, False, False),
+        {"other": 2}, False, False),
+    "missing_separator_then_more_objects": (
+        '{"objects": [' + obj("cat") + " " + obj("dog") + ", " + obj("cup") + ', [{"x": 1}], '
+        + obj("hat") + "]}", "desc_first", ["cat"], {"other": 4}, False, False),
+    "missing_separator_then_truncated": (
+        '{"objects": [' + obj("cat") + " " + obj("dog") + ', {"desc": "cu', "desc_first",
+        ["cat"], {"other": 2}, False, False),
     "braces_and_quotes_in_desc": (
         wrap(obj('a "b" {c} [d] \\ e'), obj("}{")), "desc_first", ['a "b" {c} [d] \\ e', "}{"],
         {}, False, False),

@@ -3,6 +3,7 @@ monitor dumps, and checkpoints (safetensors weights, atomic saves, exact resume)
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import yaml
 
 from coordexp.config import Config, config_to_dict
 from coordexp.errors import UserError
+from coordexp.files import parse_json, read_text, write_text_atomic
 
 PACKAGES = ("coordexp", "torch", "transformers", "accelerate", "faster-coco-eval", "tokenizers")
 
@@ -44,9 +46,30 @@ def write_metadata(run_dir: Path, cfg: Config, world_size: int) -> None:
             "seed": cfg.training.seed, "trainer_variant": cfg.training.stage,
             "world_size": world_size, "python": platform.python_version(),
             "packages": versions, "command": sys.argv}
-    (run_dir / "run_metadata.json").write_text(json.dumps(meta, indent=2))
-    (run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg),
-                                                                 sort_keys=False))
+    write_text_atomic(run_dir / "run_metadata.json", json.dumps(meta, indent=2))
+    write_text_atomic(run_dir / "resolved_config.yaml",
+                      yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold run_dir/.lock exclusively while this training writes to the run directory; the
+    returned open file is the lock (the OS releases it when the process ends, even by kill -9).
+    A second training into the same directory is a UserError naming the holder."""
+    f = (run_dir / ".lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{run_dir}: another training ({holder}) is writing to this run "
+                        "directory; wait for it to end or choose another training.run_name"
+                        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 class RunLog:
@@ -71,18 +94,21 @@ class RunLog:
             self.wandb = start_wandb(run_dir)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop rows the resumed run will write again (and a half-written line)."""
+        """On resume, drop rows the resumed run will write again (and a half-written last
+        line), atomically: a kill during the rewrite leaves the whole old log."""
         if not self.path.exists():
             return
+        lines = read_text(self.path).split("\n")
         keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step", 0) <= step:
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or (number == len(lines) and not _is_json(line)):
+                continue  # blank, or a row a kill cut short
+            row = parse_json(line, f"{self.path}:{number}")
+            if not (isinstance(row, dict) and type(row.get("step")) is int):
+                raise UserError(f"{self.path}:{number}: a log row needs an integer 'step'")
+            if row["step"] <= step:
                 keep.append(line)
-        self.path.write_text("".join(x + "\n" for x in keep))
+        write_text_atomic(self.path, "".join(x + "\n" for x in keep))
 
     def log(self, step: int, kind: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -122,6 +148,14 @@ def start_wandb(run_dir: Path):
     except wandb.errors.UsageError as e:
         raise UserError(f"wandb could not start a run ({e}); run `wandb login`, or set "
                         "WANDB_MODE=offline to log locally and `wandb sync` later") from None
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def is_failure(sample: dict) -> bool:
@@ -164,8 +198,7 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: set[Path]) -> None:
         shutil.rmtree(stale)
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder, None if the run has none yet."""
     ckpts = sorted((run_dir / "checkpoints").glob("step_??????"))
-    if not ckpts:
-        raise UserError(f"{run_dir}: no checkpoint to resume from (checkpoints/step_*)")
-    return ckpts[-1]
+    return ckpts[-1] if ckpts else None

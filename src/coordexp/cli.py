@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,16 @@ def _unit_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
     return value
 
 
@@ -185,10 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default="", help="checkpoint dir, or 'latest' in the run dir")
     tr.set_defaults(run=_cmd_train)
 
-    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, Stage 2 AB, eval, report")
+    dm = sub.add_parser("demo", help="synthetic data + tiny VLM: Stage 1, then Stage 2 AB and its "
+                        "equal-time control, eval, report")
     dm.add_argument("--out", default="demo_run", help="output folder")
-    dm.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    dm.add_argument("--minutes", type=_finite_float, default=10.0, help="training time budget")
     dm.set_defaults(run=_cmd_demo)
+
+    st = sub.add_parser("study", help="equal-budget arms from one checkpoint over seeds: a table "
+                        "of paired differences with bootstrap intervals against the control")
+    st.add_argument("spec", help="study YAML (see studies/seed_note.yaml)")
+    st.add_argument("--out", default="", help="study folder (default: the spec's output_dir)")
+    st.set_defaults(run=_cmd_study)
 
     rp = sub.add_parser("report", help="turn a run directory into report.md / report.html")
     rp.add_argument("run_dir", nargs="?", help="run directory")
@@ -212,19 +230,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "sentence encoder (auto: when it is installed)")
     e.add_argument("--semantic-threshold", type=_unit_interval, default=None,
                    help="lowest cosine similarity that maps a desc (default 0.6)")
-    e.add_argument("--constant-score", type=float, default=None,
+    e.add_argument("--constant-score", type=_finite_float, default=None,
                    help="give every box this score (AP then follows emission order)")
     e.add_argument("--iou-gate", type=_unit_interval, default=0.3,
                    help="least IoU of a matched pair for precision/recall/F1 (default 0.3)")
     e.add_argument("--field-order", choices=FIELD_ORDERS, default="desc_first",
                    help="object field order, for predictions given as raw_text")
+    e.add_argument("--max-preds-per-image", type=_positive_int, default=1000,
+                   help="keep this many highest-scoring objects per image; the rest are "
+                        "dropped and counted (pred_over_cap_dropped)")
     e.set_defaults(run=_cmd_eval)
     return p
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from coordexp.data.synthetic import SynthSpec, synthesize
+    from coordexp.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     spec = SynthSpec(image_size=args.image_size, min_objects=args.min_objects,
                      max_objects=args.max_objects, shapes=tuple(args.shapes.split(",")),
                      colours=tuple(args.colours.split(",")), crowded_share=args.crowded_share)
@@ -295,9 +318,10 @@ def _cmd_to_coco(args: argparse.Namespace) -> int:
 
 
 def _out_path(text: str) -> Path:
-    out = Path(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    """--out of a converter, checked before any work (its folder is made when written)."""
+    from coordexp.files import check_output_file
+
+    return check_output_file(text, "--out")
 
 
 def _write_converted(out: Path, records: list, skipped: Counter) -> int:
@@ -311,9 +335,11 @@ def _write_converted(out: Path, records: list, skipped: Counter) -> int:
 
 
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import build_processor, save_vlm
     from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
+    check_output_dir(args.out, "--out")
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinySpec(family=args.family), seed=args.seed)
     save_vlm(model, build_processor(args.family, tok), args.out)
@@ -323,9 +349,11 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.model.qwen_vl import load_vlm, save_vlm
     from coordexp.model.tokenizer import add_coord_tokens, resize_for_tokenizer
 
+    check_output_dir(args.dst, "--dst")
     model, processor, family = load_vlm(args.src)
     before = len(processor.tokenizer)
     add_coord_tokens(processor.tokenizer)
@@ -362,13 +390,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
     from coordexp.export import export_coco_results
+    from coordexp.files import check_output_file
 
+    check_output_file(args.out, "--out")
     return export_coco_results(args.pred, args.gt, args.out, semantic=args.semantic)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    from coordexp.files import check_output_dir
     from coordexp.visualize import visualize_command
 
+    check_output_dir(args.out, "--out")
     return visualize_command(args.pred, args.out, gt=args.gt, image_root=args.image_root,
                              min_score=args.min_score)
 
@@ -381,8 +413,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from coordexp.demo import run_demo
+    from coordexp.files import check_output_dir
 
+    check_output_dir(args.out, "--out")
     return run_demo(args.out, minutes=args.minutes)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from coordexp.study import study_command
+
+    return study_command(args.spec, output_dir=args.out)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -397,7 +437,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     opts = {"semantic": {"auto": None, "on": True, "off": False}[args.semantic],
             "constant_score": args.constant_score, "iou_gate": args.iou_gate,
-            "field_order": args.field_order}
+            "field_order": args.field_order,
+            "max_preds_per_image": args.max_preds_per_image}
     if args.semantic_threshold is not None:
         opts["semantic_threshold"] = args.semantic_threshold
     return eval_command(args.gt, args.pred, args.out, **opts)

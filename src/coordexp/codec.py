@@ -81,10 +81,8 @@ class CoordCodec:
         unk = tokenizer.unk_token_id
         missing = [self.token(k) for k, i in enumerate(ids) if i is None or i == unk]
         if missing:
-            raise UserError(
-                f"tokenizer lacks {len(missing)} coord tokens (first: {missing[0]}); "
-                "run `coordexp model add-coord-tokens --src DIR --dst DIR` first"
-            )
+            raise UserError(f"tokenizer lacks {len(missing)} coord tokens (first: {missing[0]});"
+                            " run `coordexp model add-coord-tokens --src DIR --dst DIR` first")
         if len(set(ids)) != len(ids):
             raise UserError("tokenizer maps two coord tokens to one id; re-add the coord tokens")
         return ids

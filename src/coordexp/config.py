@@ -8,6 +8,7 @@ impossible combinations raise UserError naming the dotted key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from coordexp.errors import UserError
+from coordexp.files import read_text
 from coordexp.matching import MatchConfig
 
 
@@ -34,7 +36,6 @@ class ModelConfig:
     path: str = ""
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
-    max_pixels: int = 448 * 448
     tuning: str = "full"  # full | lora | dora (the 1000 coord rows always train)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -184,6 +185,13 @@ CHOICES = {
     "eval.score": ("coord_prob", "fused", "constant"),
 }
 MOVED = {f"rollout.{k.name}": f"match.{k.name}" for k in dataclasses.fields(MatchConfig)}
+REMOVED = {"model.max_pixels": "it was never read; the image processor saved with the model "
+                                "sets the pixel budget"}
+# metrics training.metric_for_best may name: rollout metrics where higher is better
+BEST_METRICS = tuple(f"rollout/{k}" for k in (
+    "mAP", "AP50", "AP75", "f1", "precision", "recall", "f1@0.5", "f1@0.75",
+    "matched_maskiou_mean", "sample_valid_pred_rate"))
+MAX_YAML_NODES = 100_000  # a config expands to a few hundred; aliases may not multiply it
 
 
 # -- building dataclasses from dicts ---------------------------------------------------------
@@ -200,6 +208,7 @@ def _coerce(value, tp, key: str):
         return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]")
                      for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
+        value = {} if value is None else value  # an empty YAML section
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
         return _build(tp, value, key)
@@ -207,20 +216,28 @@ def _coerce(value, tp, key: str):
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
             return value
     elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None and math.isfinite(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise UserError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    raise UserError(f"config key '{key}' must be {'a finite ' if tp is float else ''}"
+                    f"{tp.__name__}, got {text}")
+
+
+def _float(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:  # YAML reads 1e-5 (no dot) as a string
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -229,6 +246,8 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in REMOVED:
+            raise UserError(f"config key '{dotted}' was removed: {REMOVED[dotted]}")
         if dotted in MOVED:
             raise UserError(f"config key '{dotted}' moved to '{MOVED[dotted]}' (one matching "
                             "config for Channel B and evaluation)")
@@ -242,11 +261,60 @@ def _build(cls, data: dict, prefix: str = ""):
 
 
 # -- files and overrides ---------------------------------------------------------------------
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    """Deep merge; a section and a plain value never replace each other (that would drop the
+    section's keys or turn a value into defaults)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and out.get(k) is None or v is None and isinstance(out.get(k), dict):
+            v, out[k] = v or {}, out.get(k) or {}  # an empty YAML section reads as null
+        if k in out and isinstance(v, dict) != isinstance(out[k], dict):
+            section = v if isinstance(v, dict) else out[k]
+            value = out[k] if isinstance(v, dict) else v
+            raise UserError(f"config key '{dotted}' is a section ({', '.join(map(str, section))})"
+                            f" in one place and the value {value!r} in another; set its keys "
+                            f"as {dotted}.key=value")
+        out[k] = _merge(out[k], v, dotted) if isinstance(v, dict) and k in out else v
     return out
+
+
+def safe_yaml(text: str, where: str) -> object:
+    """yaml.safe_load with every failure (syntax, alias expansion beyond MAX_YAML_NODES, an
+    integer too long, nesting) as one UserError naming where."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UserError(f"{where}: YAML aliases expand to more than {MAX_YAML_NODES} "
+                            "values; write the config out plainly")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    except ValueError as e:  # e.g. an integer longer than Python's digit limit
+        raise UserError(f"{where}: not valid YAML ({e})") from None
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict) -> int:
+    """How many nodes (and characters of strings) the document expands to, aliases counted
+    each time they are used; memoised per node, so a cycle or a bomb is counted, not built."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_NODES + 1  # a node reaching itself (a recursive alias) is too big
+    if isinstance(node, yaml.ScalarNode):
+        size = 1 + len(node.value) // 64
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(n, sizes) for n in node.value)
+    else:
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = min(size, MAX_YAML_NODES + 1)
+    return sizes[id(node)]
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -255,26 +323,27 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"{path}: `extends` cycle through {' -> '.join(map(str, seen))}")
     if not path.is_file():
         raise UserError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
+    data = safe_yaml(read_text(path), str(path)) or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping at the top level")
     bases = data.pop("extends", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not (isinstance(bases, list) and all(isinstance(b, str) and b for b in bases)):
+        raise UserError(f"{path}: 'extends' must be a file path or a list of them, got {bases!r}")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = _merge(merged, read_yaml(path.parent / base, (*seen, path)))
     return _merge(merged, data)
 
 
 def parse_override(text: str) -> dict:
     """'training.learning_rate=3e-4' -> {"training": {"learning_rate": 0.0003}}."""
-    if "=" not in text:
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if "=" not in text or not all(parts):
         raise UserError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
-    for part in reversed(key.strip().split(".")):
+    value = safe_yaml(raw, f"override {key.strip()!r}") if raw else ""
+    for part in reversed(parts):
         value = {part: value}
     return value
 
@@ -337,6 +406,50 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if t.stage == "stage2_ab" and s.schedule.b_ratio > 0 and t.mixed_precision == "fp16":
         raise UserError("Channel B with fp16 is not supported; use "
                         "training.mixed_precision=bf16 or no")
+    check_ranges(cfg)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number in its range, so no value is silently meaningless (a negative learning
+    rate, a ratio above 1, a limit below 0); each message names the key."""
+    t, r, m = cfg.training, cfg.rollout, cfg.match
+    rules = [
+        ("training.learning_rate", t.learning_rate, ">0"), ("training.vit_lr", t.vit_lr, ">0"),
+        ("training.aligner_lr", t.aligner_lr, ">0"),
+        ("training.max_grad_norm", t.max_grad_norm, ">0"),
+        ("training.weight_decay", t.weight_decay, ">=0"),
+        ("training.warmup_ratio", t.warmup_ratio, "[0,1]"),
+        ("training.min_lr_ratio", t.min_lr_ratio, "[0,1]"),
+        ("training.max_minutes", t.max_minutes, ">=0"),
+        ("training.effective_batch_size", t.effective_batch_size, ">=1"),
+        ("training.save_total_limit", t.save_total_limit, ">=0"),
+        ("training.seed", t.seed, "seed"),
+        ("data.val_limit", cfg.data.val_limit, ">=0"),
+        ("rollout.batch_size", r.batch_size, ">=1"),
+        ("rollout.temperature", r.temperature, ">0"), ("rollout.top_p", r.top_p, "(0,1]"),
+        ("rollout.repetition_penalty", r.repetition_penalty, ">0"),
+        ("match.candidate_top_k", m.candidate_top_k, ">=1"),
+        ("match.iou_gate", m.iou_gate, "[0,1]"), ("match.fp_cost", m.fp_cost, ">=0"),
+        ("match.fn_cost", m.fn_cost, ">=0"),
+        ("monitor_dump.max_samples", cfg.monitor_dump.max_samples, ">=0"),
+    ]
+    rules += [(f"{name}.{f.name}", getattr(section, f.name), ">=0")
+              for name, section in (("coord_soft_ce_w1", cfg.coord_soft_ce_w1),
+                                    ("stage2_ab", cfg.stage2_ab))
+              for f in dataclasses.fields(section) if f.name.endswith("_weight")]
+    for key, value, rule in rules:
+        if not RANGES[rule](value):
+            raise UserError(f"'{key}' must be {RULE_TEXT.get(rule, rule)}, got {value}")
+    if t.metric_for_best not in BEST_METRICS:
+        raise UserError(f"'training.metric_for_best' must be one of {', '.join(BEST_METRICS)}; "
+                        f"got {t.metric_for_best!r}")
+
+
+RANGES = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1,
+          "[0,1]": lambda v: 0 <= v <= 1, "(0,1]": lambda v: 0 < v <= 1,
+          "seed": lambda v: 0 <= v < 2**32}
+RULE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]",
+             "(0,1]": "in (0, 1]", "seed": "in [0, 2**32)"}
 
 
 # coord_soft_ce_w1 keys that only Stage 1 reads -> the stage2_ab key Stage 2 reads instead

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from coordexp.artifacts import checkpoint_dir, latest_checkpoint
 from coordexp.config import Config, DataConfig, EvalConfig, RolloutConfig
 from coordexp.data.collate import load_image
+from coordexp.data.images import to_rgb8
 from coordexp.data.records import Record
 from coordexp.errors import UserError
 from coordexp.eval.predictions import Prediction
@@ -140,7 +141,7 @@ def image_inputs(images: Sequence[str | Path | Image.Image]
     records, in_memory = [], {}
     for i, x in enumerate(images):
         if isinstance(x, Image.Image):
-            in_memory[i] = x.convert("RGB")
+            in_memory[i] = to_rgb8(x)
             records.append(Record("", x.width, x.height, ()))
         else:
             records.append(Record(str(x), *image_size(Path(x)), ()))

@@ -16,13 +16,8 @@ from coordexp.losses import coord_log_mass
 
 TOP_K = 5
 P90 = 0.9
-SLOT_KEYS = (
-    "coord_diag/p_gt_mean",
-    "coord_diag/acc_top5",
-    "coord_diag/margin_mean",
-    "coord_diag/expected_bin_mae",
-    "coord_diag/expected_bin_abs_err_p90",
-)
+SLOT_KEYS = ("coord_diag/p_gt_mean", "coord_diag/acc_top5", "coord_diag/margin_mean",
+             "coord_diag/expected_bin_mae", "coord_diag/expected_bin_abs_err_p90")
 VOCAB_KEY = "coord_diag/coord_vocab_mass_mean"
 
 
@@ -43,15 +38,9 @@ def _vocab_log_mass(coord_logits, vocab_lse, vocab_logits, coord_ids, temperatur
 
 
 @torch.no_grad()
-def coord_diag(
-    coord_logits: Tensor,
-    target_bins: Tensor,
-    *,
-    vocab_lse: Tensor | None = None,
-    vocab_logits: Tensor | None = None,
-    coord_ids: Tensor | None = None,
-    temperature: float = 1.0,
-) -> dict[str, Tensor]:
+def coord_diag(coord_logits: Tensor, target_bins: Tensor, *, vocab_lse: Tensor | None = None,
+               vocab_logits: Tensor | None = None, coord_ids: Tensor | None = None,
+               temperature: float = 1.0) -> dict[str, Tensor]:
     """Coord-slot diagnostics at temperature tau: coord_logits [N, K], target_bins [N].
 
     Coord-vocab mass needs either vocab_lse [N] (logsumexp(z / tau) over the full vocabulary,

@@ -44,7 +44,7 @@ def export_coco_results(pred_path: str | Path, gt_path: str | Path, out_path: st
 
 def coco_images(instances: dict, source: str | Path) -> dict[str, tuple[int, int, int]]:
     """File name -> (image id, width, height)."""
-    if not isinstance(instances.get("images"), list):
+    if not (isinstance(instances, dict) and isinstance(instances.get("images"), list)):
         raise UserError(f"{source}: needs an 'images' list (a COCO instances file)")
     found: dict[str, tuple[int, int, int]] = {}
     for i, img in enumerate(instances["images"]):

@@ -31,6 +31,7 @@ from coordexp.detector import (
     rollout_config,
 )
 from coordexp.errors import UserError
+from coordexp.files import check_output_file, read_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -53,10 +54,10 @@ def infer_command(model: str | Path, out_path: str | Path, *, data: str | None =
     """`coordexp infer`; under torchrun every process runs it on its share of the batches."""
     rollout = rollout_config(opts.batch_size, opts.max_new_tokens, opts.repetition_penalty,
                              opts.constrained)
+    out = check_output_file(out_path, "--out")  # before any work, not after the rollouts
     records = read_records(data) if data is not None else image_records(images)
     if not records:
         raise UserError(f"{data}: no records")
-    out = Path(out_path)
     if part_paths(out) and not opts.resume:
         raise UserError(f"{part_paths(out)[0]}: an interrupted run's predictions are here; "
                         "pass --resume to continue it, or delete the .part files to start again")
@@ -180,15 +181,15 @@ def read_parts(out: Path, header: dict) -> dict[int, dict]:
 
 def read_part(path: Path, header: dict) -> dict[int, dict]:
     """A part file's complete lines; a last line cut by a kill (no newline) is ignored."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     lines = text.split("\n")[:-1]  # the piece after the last newline is unfinished
     if not lines:
         return {}
     try:
         found = json.loads(lines[0])
         entries = [json.loads(s) for s in lines[1:]]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not a coordexp infer part file ({e.msg}); delete it") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a coordexp infer part file ({e}); delete it") from None
     if found != header:
         diff = sorted(k for k in header.keys() | found.keys() if header.get(k) != found.get(k))
         raise UserError(f"{path}: written by a run with other inputs or settings "

@@ -34,9 +34,8 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
 
 
 # -- coord-distribution losses ----------------------------------------------------------------
-def gaussian_targets(
-    target_bins: Tensor, *, sigma: float, truncate: float | None = None, num_bins: int = NUM_BINS
-) -> Tensor:
+def gaussian_targets(target_bins: Tensor, *, sigma: float, truncate: float | None = None,
+                     num_bins: int = NUM_BINS) -> Tensor:
     """Gaussian soft labels around each target bin (sigma in bins; bins farther than `truncate`
     get 0): [N] -> [N, K] float32, rows sum to 1."""
     grid = torch.arange(num_bins, device=target_bins.device, dtype=torch.float32)  # [K]
@@ -53,14 +52,8 @@ def _targets_like(coord_logits: Tensor, target_bins: Tensor, sigma, truncate) ->
     return q.to(compute_dtype(coord_logits))  # [N, K]
 
 
-def coord_soft_ce(
-    coord_logits: Tensor,
-    target_bins: Tensor,
-    *,
-    sigma: float,
-    truncate: float | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def coord_soft_ce(coord_logits: Tensor, target_bins: Tensor, *, sigma: float,
+                  truncate: float | None = None, temperature: float = 1.0) -> Tensor:
     """Mean over slots of -sum_k q_k log softmax(s / tau)_k against Gaussian targets q."""
     if coord_logits.shape[0] == 0:
         return _zero(coord_logits)
@@ -69,14 +62,8 @@ def coord_soft_ce(
     return -(q * logp).sum(-1).mean()
 
 
-def coord_w1(
-    coord_logits: Tensor,
-    target_bins: Tensor,
-    *,
-    sigma: float,
-    truncate: float | None = None,
-    temperature: float = 1.0,
-) -> Tensor:
+def coord_w1(coord_logits: Tensor, target_bins: Tensor, *, sigma: float,
+             truncate: float | None = None, temperature: float = 1.0) -> Tensor:
     """Mean over slots of the 1-D Wasserstein distance sum_k |CDF_p(k) - CDF_q(k)| / (K - 1),
     p = softmax(s / tau), q Gaussian targets; a one-hot moved by d bins costs d / (K - 1)."""
     num_slots, num_bins = coord_logits.shape
@@ -105,9 +92,8 @@ def coord_log_mass(coord_logits: Tensor, vocab_lse: Tensor, temperature: float =
     return (coord_lse - vocab_lse.to(coord_lse.dtype)).clamp(max=0)
 
 
-def coord_gate_from_lse(
-    coord_logits: Tensor, vocab_lse: Tensor, *, temperature: float = 1.0
-) -> Tensor:
+def coord_gate_from_lse(coord_logits: Tensor, vocab_lse: Tensor, *,
+                        temperature: float = 1.0) -> Tensor:
     """Lean coord gate: mean of -log(coord-vocab mass) from the coord slice [N, K] and the
     full-vocabulary logsumexp(z / tau) [N] (see coordexp.lmhead.vocab_logsumexp)."""
     if coord_logits.shape[0] == 0:
@@ -123,9 +109,8 @@ def coord_gate(vocab_logits: Tensor, coord_ids: Tensor, *, temperature: float = 
     return coord_gate_from_lse(z[:, coord_ids], vocab_lse, temperature=temperature)
 
 
-def text_gate_from_lse(
-    coord_logits: Tensor, vocab_lse: Tensor, *, temperature: float = 1.0
-) -> Tensor:
+def text_gate_from_lse(coord_logits: Tensor, vocab_lse: Tensor, *,
+                       temperature: float = 1.0) -> Tensor:
     """Lean text gate at text positions: mean of -log(1 - coord mass + eps), from the coord
     slice [M, K] and the full-vocabulary logsumexp(z / tau) [M]."""
     if coord_logits.shape[0] == 0:

@@ -1,8 +1,11 @@
 """Hungarian matching of predicted to ground-truth boxes with candidate pruning and an IoU gate.
 
 Used identically by Channel B (which preds are supervised) and by evaluation (F1). A batch of
-images is matched in one vectorised pass over all their (pred, GT) pairs; only images where
-some box has several feasible partners go to the Hungarian solver.
+images is matched in one vectorised pass over the candidate (pred, GT) pairs; only images where
+some box has several feasible partners go to the solver (dense when small, else a sparse
+assignment over the feasible pairs). Memory grows with the candidates kept
+(P x candidate_top_k), never with P x G: pairs are scored PAIR_BUDGET at a time and only each
+pred's candidates are kept.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+PAIR_BUDGET = 1 << 18  # (pred, GT) pairs scored at once, whatever P x G is
+DENSE_CELLS = 1 << 16  # a tangled image up to this many cells is solved dense, beyond sparsely
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,8 @@ class Match:
 
 @dataclass(frozen=True)
 class PairTable:
-    """Every (pred, GT) pair of a batch of images, flattened image by image, pred-major:
-    pair n is (pred[n], gt[n]) of image[n], indices local to that image. N = sum P_i * G_i."""
+    """The candidate (pred, GT) pairs of a batch of images: each pred's candidate_top_k GT,
+    image by image, pred-major, GT ascending; indices local to the image. N <= sum P_i * k."""
 
     num_pred: np.ndarray  # [I]
     num_gt: np.ndarray  # [I]
@@ -50,7 +58,6 @@ class PairTable:
     pred: np.ndarray  # [N]
     gt: np.ndarray  # [N]
     iou: np.ndarray  # [N]
-    candidate: np.ndarray  # [N] bool: gt is among pred's candidate_top_k
 
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -74,21 +81,33 @@ def _area(boxes: np.ndarray) -> np.ndarray:
 
 def build_pair_table(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
                      candidate_top_k: int) -> PairTable:
-    """IoU and candidates of every pair: preds[i] [P_i, 4], gts[i] [G_i, 4] xyxy, one space.
+    """IoU of every candidate pair: preds[i] [P_i, 4], gts[i] [G_i, 4] xyxy, one space.
 
     A pred's candidates are its top_k GT by IoU (ties by GT index), or by centre distance
     when all its IoUs are 0.
     """
     pred_all, num_pred, pred_off = _stack(preds)  # [sum P, 4], [I], [I]
     gt_all, num_gt, gt_off = _stack(gts)
-    per_image = num_pred * num_gt  # [I]
-    image = np.repeat(np.arange(len(num_pred)), per_image)  # [N]
-    k = np.arange(len(image)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
-    pred, gt = k // num_gt[image], k % num_gt[image]  # [N], [N]
-    a, b = pred_all[pred_off[image] + pred], gt_all[gt_off[image] + gt]  # [N, 4], [N, 4]
-    iou = _iou(a, b)
-    return PairTable(num_pred, num_gt, image, pred, gt, iou,
-                     _top_k(pred_off[image] + pred, gt, iou, a, b, candidate_top_k))
+    owner_image = np.repeat(np.arange(len(num_pred)), num_pred)  # [sum P]
+    ends = np.cumsum(num_gt[owner_image])  # [sum P] pairs up to and including each pred
+    parts, start = [], 0
+    while start < len(owner_image):  # preds in runs of about PAIR_BUDGET pairs
+        done = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + PAIR_BUDGET, side="right")))
+        ids = np.arange(start, stop)  # global pred ids
+        width = num_gt[owner_image[ids]]
+        owner = np.repeat(ids, width)  # [n]
+        gt = np.arange(len(owner)) - np.repeat(np.cumsum(width) - width, width)  # [n]
+        image = owner_image[owner]
+        a, b = pred_all[owner], gt_all[gt_off[image] + gt]  # [n, 4], [n, 4]
+        iou = _iou(a, b)
+        keep = _top_k(owner, gt, iou, a, b, candidate_top_k)
+        parts.append((image[keep], (owner - pred_off[image])[keep], gt[keep], iou[keep]))
+        start = stop
+    image, pred, gt, iou = (np.concatenate([p[f] for p in parts]) if parts else
+                            np.zeros(0, dtype=np.float64 if f == 3 else np.int64)
+                            for f in range(4))
+    return PairTable(num_pred, num_gt, image, pred, gt, iou)
 
 
 def _stack(boxes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -119,21 +138,17 @@ def match_pair_table(table: PairTable, *, iou_gate: float, fp_cost: float,
     """One Match per image: minimum cost with 1 - IoU per pair, fp_cost per unmatched pred,
     fn_cost per unmatched GT; pairs outside the candidates or below the gate are infeasible."""
     direct, solved, rejections = _assign(table, iou_gate, fp_cost, fn_cost)
-    ends = np.cumsum(np.bincount(table.image[direct], minlength=len(table.num_pred))).tolist()
-    pred, gt, iou = (table.pred[direct].tolist(), table.gt[direct].tolist(),
-                     table.iou[direct].tolist())
+    chosen = np.sort(np.concatenate([np.flatnonzero(direct), *solved.values()]))  # [M]
+    ends = np.cumsum(np.bincount(table.image[chosen], minlength=len(table.num_pred))).tolist()
+    pred, gt = table.pred[chosen].tolist(), table.gt[chosen].tolist()
+    iou = table.iou[chosen].tolist()
     num_pred, num_gt = table.num_pred.tolist(), table.num_gt.tolist()
-    first_pair = _first_pair(table).tolist()
     matches, start = [], 0
     for i, end in enumerate(ends):
-        if i in solved:
-            pairs = solved[i]
-            ious = [float(table.iou[first_pair[i] + a * num_gt[i] + b]) for a, b in pairs]
-        else:
-            pairs = list(zip(pred[start:end], gt[start:end], strict=True))
-            ious = iou[start:end]
+        pairs = list(zip(pred[start:end], gt[start:end], strict=True))
+        matches.append(_make_match(pairs, iou[start:end], num_pred[i], num_gt[i],
+                                   int(rejections[i])))
         start = end
-        matches.append(_make_match(pairs, ious, num_pred[i], num_gt[i], int(rejections[i])))
     return matches
 
 
@@ -148,29 +163,22 @@ def count_matches(table: PairTable, *, iou_gate: float, fp_cost: float,
 
 
 def _assign(table: PairTable, iou_gate: float, fp_cost: float, fn_cost: float
-            ) -> tuple[np.ndarray, dict[int, list[tuple[int, int]]], np.ndarray]:
+            ) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray]:
     """[N] pairs matched directly (images where no box has two feasible partners: each
-    feasible pair is matched iff that is cheaper), the solved pairs of the other images, and
-    [I] gating rejections."""
-    feasible = table.candidate & (table.iou >= iou_gate)  # [N]
+    feasible pair is matched iff that is cheaper), the matched pair indices of the other
+    images, and [I] gating rejections."""
+    feasible = table.iou >= iou_gate  # [N]
     tangled = _tangled_images(table, feasible)  # [I] bool
     direct = feasible & ~tangled[table.image] & (1.0 - table.iou < fp_cost + fn_cost)
-    rejections = np.bincount(table.image[table.candidate & ~feasible],
-                             minlength=len(table.num_pred))
-    pair_cost = np.where(feasible, 1.0 - table.iou, np.inf)  # [N]
-    first_pair = _first_pair(table)
+    rejections = np.bincount(table.image[~feasible], minlength=len(table.num_pred))
+    bounds = np.searchsorted(table.image, np.arange(len(table.num_pred) + 1))  # [I + 1]
     solved = {}
     for i in np.flatnonzero(tangled).tolist():
-        shape = (int(table.num_pred[i]), int(table.num_gt[i]))
-        block = pair_cost[first_pair[i]: first_pair[i] + shape[0] * shape[1]].reshape(shape)
-        solved[i] = _solve_image(block, fp_cost, fn_cost)
+        pairs = bounds[i] + np.flatnonzero(feasible[bounds[i]: bounds[i + 1]])
+        picked = _solve_image(table.pred[pairs], table.gt[pairs], 1.0 - table.iou[pairs],
+                              fp_cost, fn_cost)
+        solved[i] = pairs[picked]
     return direct, solved, rejections
-
-
-def _first_pair(table: PairTable) -> np.ndarray:
-    """[I] index of each image's first pair in the table."""
-    per_image = table.num_pred * table.num_gt
-    return np.cumsum(per_image) - per_image
 
 
 def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:
@@ -185,21 +193,41 @@ def _tangled_images(table: PairTable, feasible: np.ndarray) -> np.ndarray:
     return tangled
 
 
-def _solve_image(pair_cost: np.ndarray, fp_cost: float,
-                 fn_cost: float) -> list[tuple[int, int]]:
-    """Hungarian on the square dummy-augmented matrix [[pair | fp], [fn | 0]] of one image
-    (pair_cost [P, G], inf = infeasible), restricted to the preds and GT that have a feasible
-    pair: the others can only be FP / FN."""
-    ok = pair_cost < np.inf  # [P, G]
-    rows, cols = np.flatnonzero(ok.any(1)), np.flatnonzero(ok.any(0))
+def _solve_image(pred: np.ndarray, gt: np.ndarray, cost: np.ndarray, fp_cost: float,
+                 fn_cost: float) -> np.ndarray:
+    """Indices of the matched pairs among one image's feasible pairs (pred [n], gt [n], cost
+    [n]), over the p preds and g GT that have a feasible pair (the others can only be FP / FN).
+
+    The problem is the dummy-augmented [[pair | fp], [fn | 0]] assignment. Small ones are
+    solved dense (scipy's Hungarian: fastest there); past DENSE_CELLS, sparsely over the
+    feasible pairs, each pred with its own dummy column (fp_cost), each GT with its own dummy
+    row (fn_cost), and a dummy row meeting a dummy column only where their real pair is
+    feasible (cost 0): enough for every optimum of the dense problem, since an optimum's
+    matched pairs free exactly those dummies.
+    """
+    rows, r = np.unique(pred, return_inverse=True)
+    cols, c = np.unique(gt, return_inverse=True)
     p, g = len(rows), len(cols)
-    cost = np.zeros((p + g, g + p))  # [p + g, g + p]
-    cost[:p, :g] = pair_cost[np.ix_(rows, cols)]
-    cost[:p, g:] = fp_cost  # pred left unmatched
-    cost[p:, :g] = fn_cost  # GT left unmatched
-    r, c = linear_sum_assignment(cost)
-    real = (r < p) & (c < g)
-    return list(zip(rows[r[real]].tolist(), cols[c[real]].tolist(), strict=True))
+    if (p + g) ** 2 <= DENSE_CELLS:
+        dense = np.full((p + g, g + p), np.inf)  # [p + g, g + p]
+        dense[r, c] = cost
+        dense[:p, g:] = fp_cost  # pred left unmatched
+        dense[p:, :g] = fn_cost  # GT left unmatched
+        dense[p:, g:] = 0.0
+        mr, mc = linear_sum_assignment(dense)
+    else:
+        edge_row = np.concatenate([r, np.arange(p), p + np.arange(g), p + c])
+        edge_col = np.concatenate([c, g + np.arange(p), np.arange(g), g + r])
+        weight = np.concatenate([cost, np.full(p, fp_cost), np.full(g, fn_cost),
+                                 np.zeros(len(r))])
+        # + 1 on every edge: the solver needs non-zero weights, and every full matching has
+        # p + g edges, so the offset changes no choice
+        graph = csr_matrix((weight + 1.0, (edge_row, edge_col)), shape=(p + g, g + p))
+        mr, mc = min_weight_full_bipartite_matching(graph)
+    real = (mr < p) & (mc < g)
+    key = r * g + c  # [n] unique per pair
+    order = np.argsort(key)
+    return order[np.searchsorted(key[order], mr[real] * g + mc[real])]
 
 
 def _make_match(pairs: list[tuple[int, int]], ious: list[float], num_pred: int, num_gt: int,

@@ -66,7 +66,9 @@ class ParseResult:
     """Kept objects (`{"desc", "bbox_2d": [4 bins]}`, emission order) and counted drops.
 
     dropped_invalid counts every complete object that was not kept (ambiguous ones included);
-    dropped_by_reason splits it; a broken array separator or trailing key counts once as `other`.
+    dropped_by_reason splits it. A broken array separator, a non-object element or a trailing
+    key counts once as `other`, and so does every complete object after such a break: none is
+    kept, since the append-ready prefix cannot reach past the break.
     prefix_end: text[:prefix_end] ends in `[` or right after the last kept object's `}`
     (None when invalid_rollout). The token fields are set by parse_coordjson_tokens only.
     """
@@ -124,6 +126,7 @@ def _scan_array(text: str, pos: int, field_order: str, result: ParseResult) -> N
             return
         if text[pos] != "{":  # a non-object element: the rest of the container is junk
             result.drop("other")
+            _count_after_break(text, pos, result)
             return
         end = _read_object(text, pos, field_order, result)
         if end is None:  # the last object runs off the end: cut it, keep the complete ones
@@ -138,8 +141,34 @@ def _scan_array(text: str, pos: int, field_order: str, result: ParseResult) -> N
             return
         if text[pos] != ",":
             result.drop("other")
+            _count_after_break(text, pos, result)
             return
         pos = _skip_ws(text, pos + 1)
+
+
+def _count_after_break(text: str, pos: int, result: ParseResult) -> None:
+    """Count every complete object left among the array's elements as dropped (`other`)."""
+    depth = 0  # of nested arrays: objects inside them are not elements
+    while (m := _BRACKETS.search(text, pos)) is not None:
+        c, pos = m.group(), m.end()
+        if c == '"':
+            s = _STRING.match(text, m.start())
+            if s is None:
+                return
+            pos = s.end()
+        elif c == "{":
+            end = _find_object_end(text, m.start())
+            if end is None:
+                return
+            if depth == 0:
+                result.drop("other")
+            pos = end
+        elif c == "[":
+            depth += 1
+        elif depth == 0:  # the array or the container closes
+            return
+        elif c == "]":
+            depth -= 1
 
 
 def _close_container(text: str, pos: int, result: ParseResult) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
+from coordexp.data.images import open_rgb8
 from coordexp.data.records import Record, read_records
 from coordexp.errors import UserError
 from coordexp.eval.evaluate import EvalOptions, evaluate_predictions
@@ -100,11 +101,7 @@ def open_image(path: Path, rec: Record) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: image not found (paths are relative to --image-root, "
                         "by default the --gt file's folder, else the --pred file's)")
-    try:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+    image = open_rgb8(path)
     if image.size != (rec.width, rec.height):
         raise UserError(f"{path}: image is {image.size[0]}x{image.size[1]} but the predictions "
                         f"are for {rec.width}x{rec.height}")

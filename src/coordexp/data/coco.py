@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from coordexp.data.records import DetObject, Record
+from coordexp.data.records import MAX_SIDE, DetObject, Record
 from coordexp.errors import UserError
+from coordexp.files import parse_json, read_text
 
 # LVIS image keys (category ids) and the record keys that keep them (category names)
 LVIS_KEYS = {"neg_category_ids": "neg_categories",
              "not_exhaustive_category_ids": "not_exhaustive_categories"}
 
 
-def load_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (truncated?): {e.msg} at line {e.lineno} "
-                        f"column {e.colno}") from None
+def load_json(path: str | Path) -> object:
+    return parse_json(read_text(path), f"{path} (truncated?)")
 
 
-def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_objects: int = 60,
+def coco_to_records(instances: object, images_dir: Path, out_dir: Path, *, max_objects: int = 60,
                     keep_crowd: bool = False,
                     source: str = "instances") -> tuple[list[Record], Counter]:
-    """Convert a COCO instances dict; returns records and counts of what was skipped and why."""
+    """Convert a COCO instances dict; returns records and counts of what was skipped and why
+    (crowd and degenerate boxes, images over max_objects and their annotations)."""
     names, by_image = index_instances(instances, source)
     skipped: Counter = Counter()
     records = []
@@ -37,6 +31,7 @@ def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_obj
         objects = image_objects(img, by_image[img["id"]], names, skipped, keep_crowd)
         if len(objects) > max_objects:
             skipped["images_over_max_objects"] += 1
+            skipped["annotations_in_images_over_max_objects"] += len(objects)
             continue
         if "file_name" not in img:
             raise UserError(f"{source}: image id {img['id']} has no 'file_name'")
@@ -46,37 +41,105 @@ def coco_to_records(instances: dict, images_dir: Path, out_dir: Path, *, max_obj
     return records, skipped
 
 
-def index_instances(instances: dict, source: str) -> tuple[dict[int, str], dict[int, list]]:
-    """Category names by id and annotations by image id, after checking the keys they use."""
+def index_instances(instances: object, source: str) -> tuple[dict, dict[object, list]]:
+    """Category names by id and annotations by image id, after checking every field they use:
+    a missing or mistyped field, a duplicate id or an unknown reference is an error naming the
+    entry."""
+    if not isinstance(instances, dict):
+        raise UserError(f"{source}: a COCO instances file must be a JSON object")
     for key in ("images", "annotations", "categories"):
-        if key not in instances:
-            raise UserError(f"{source}: missing top-level key '{key}'")
-    for kind, items, keys in (("category", instances["categories"], ("id", "name")),
-                              ("image", instances["images"], ("id", "width", "height")),
-                              ("annotation", instances["annotations"],
-                               ("image_id", "category_id", "bbox"))):
-        for i, item in enumerate(items):
-            missing = [k for k in keys if k not in item]
-            if missing:
-                raise UserError(f"{source}: {kind} {i} (id {item.get('id')}) has no "
-                                f"'{missing[0]}'")
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    image_ids = {img["id"] for img in instances["images"]}
+        if not isinstance(instances.get(key), list):
+            raise UserError(f"{source}: top-level key '{key}' must be a list"
+                            if key in instances else f"{source}: missing top-level key '{key}'")
+    names = _categories(instances["categories"], source)
+    image_ids = _image_ids(instances["images"], source)
     by_image = defaultdict(list)
     for i, ann in enumerate(instances["annotations"]):
-        box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in box)):
-            raise UserError(f"{source}: annotation {i} (id {ann.get('id')}) has bbox {box!r}; "
-                            "expected [x, y, width, height]")
-        if ann["category_id"] not in names:
-            raise UserError(f"{source}: annotation {i} (id {ann.get('id')}) has category_id "
-                            f"{ann['category_id']}, which no category has")
-        if ann["image_id"] not in image_ids:
-            raise UserError(f"{source}: annotation {i} (id {ann.get('id')}) has image_id "
-                            f"{ann['image_id']}, which no image has")
-        by_image[ann["image_id"]].append(ann)
+        if not isinstance(ann, dict):
+            raise UserError(f"{source}: annotation {i} must be an object")
+        where = f"{source}: annotation {i} (id {ann.get('id')})"
+        image_id = _field(ann, "image_id", _is_id, "an integer or string", where)
+        category = _field(ann, "category_id", _is_id, "an integer or string", where)
+        if category not in names:
+            raise UserError(f"{where} has category_id {category!r}, which no category has")
+        if image_id not in image_ids:
+            raise UserError(f"{where} has image_id {image_id!r}, which no image has")
+        if "bbox" not in ann:
+            raise UserError(f"{where} has no 'bbox' (segmentation-only annotations are not "
+                            "supported)")
+        if not _is_bbox(ann["bbox"]):
+            raise UserError(f"{where} has bbox {_short(ann['bbox'])}; expected [x, y, width, "
+                            "height], 4 finite numbers")
+        if "iscrowd" in ann:
+            _field(ann, "iscrowd", lambda v: v in (0, 1), "0 or 1", where)
+        by_image[image_id].append(ann)
     return names, by_image
+
+
+def _field(entry: dict, key: str, ok, what: str, where: str):
+    if key not in entry:
+        raise UserError(f"{where} has no '{key}'")
+    value = entry[key]
+    if not ok(value):
+        raise UserError(f"{where}: '{key}' must be {what}, got {_short(value)}")
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_id(v: object) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and bool(v))
+
+
+def _is_side(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE
+
+
+def _is_name(v: object) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and not any(c in v for c in "\n\r\t")
+
+
+def _is_bbox(v: object) -> bool:
+    return isinstance(v, list) and len(v) == 4 and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and abs(x) <= MAX_SIDE
+        for x in v)  # NaN and infinity fail the comparison
+
+
+def _unique(entry: dict, where: str, seen: dict, kind: str):
+    key = _field(entry, "id", _is_id, "an integer or string", where)
+    if key in seen:
+        raise UserError(f"{where}: duplicate {kind} id {key!r} (also {seen[key]})")
+    seen[key] = where
+    return key
+
+
+def _categories(categories: list, source: str) -> dict:
+    names, seen = {}, {}
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict):
+            raise UserError(f"{source}: category {i} must be an object")
+        where = f"{source}: category {i} (id {cat.get('id')})"
+        key = _unique(cat, where, seen, "category")
+        names[key] = _field(cat, "name", _is_name, "a non-empty one-line string", where)
+    return names
+
+
+def _image_ids(images: list, source: str) -> set:
+    seen = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            raise UserError(f"{source}: image {i} must be an object")
+        where = f"{source}: image {i} (id {img.get('id')})"
+        _unique(img, where, seen, "image")
+        if "file_name" in img:  # LVIS may give coco_url instead
+            _field(img, "file_name", lambda v: isinstance(v, str) and v.strip() and "\0" not in v,
+                   "a non-empty path", where)
+        for side in ("width", "height"):
+            _field(img, side, _is_side, f"an integer in [1, {MAX_SIDE}]", where)
+    return set(seen)
 
 
 def image_objects(img: dict, anns: list[dict], names: dict[int, str], skipped: Counter,

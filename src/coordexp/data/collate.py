@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from coordexp.codec import CoordCodec
+from coordexp.data.images import open_rgb8
 from coordexp.data.records import Record
 from coordexp.data.render import build_messages, render_record
 from coordexp.errors import UserError
@@ -45,11 +46,7 @@ class Batch:
 
 
 def load_image(record: Record) -> Image.Image:
-    try:
-        with Image.open(record.image_path) as im:
-            image = im.convert("RGB")
-    except OSError as e:
-        raise UserError(f"{record.image_path}: cannot read image ({e})") from None
+    image = open_rgb8(record.image_path)
     if image.size != (record.width, record.height):
         raise UserError(f"{record.image_path}: image is {image.size[0]}x{image.size[1]} but the "
                         f"record says {record.width}x{record.height}")
@@ -71,6 +68,20 @@ class Collator:
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_id = self.tokenizer.pad_token_id
         self._prompt_tokens: int | None = None
+
+    def check_descs(self, records: list[Record]) -> None:
+        """A desc holding an added token's text ("cat <|coord_5|>", "a<|im_end|>b") would
+        tokenize into that token (a fifth coord slot, an end of turn mid-answer): reject it,
+        naming the record's file and line and the token."""
+        added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+        pattern = re.compile("|".join(map(re.escape, added)))
+        for rec in records:
+            for i, obj in enumerate(rec.objects):
+                found = pattern.search(obj.desc)
+                if found:
+                    raise UserError(f"{rec.where or rec.image}: object {i}: 'desc' "
+                                    f"{obj.desc[:60]!r} contains the tokenizer's special token "
+                                    f"{found.group()!r}; remove it from the desc")
 
     def prompt_text(self) -> str:
         return self.processor.apply_chat_template(build_messages(), tokenize=False,

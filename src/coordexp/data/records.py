@@ -10,6 +10,7 @@ scored as any object). Any other object key is an error; other record keys are k
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from coordexp.codec import CoordCodec
+from coordexp.data.images import check_image
 from coordexp.errors import UserError
+from coordexp.files import parse_json, read_text, write_text_atomic
 
 REQUIRED_KEYS = ("images", "width", "height", "objects")
+MAX_SIDE = 1 << 24  # pixels; a larger width or height is a typo, not an image
 OBJECT_KEYS = ("desc", "bbox_2d", "difficult")
 
 
@@ -38,6 +42,7 @@ class Record:
     objects: tuple[DetObject, ...]
     root: Path = Path(".")  # folder of the JSONL file
     extra: dict = field(default_factory=dict, compare=False)  # other keys, kept on write
+    where: str = field(default="", compare=False)  # "file:line" it was read from, for errors
 
     @property
     def image_path(self) -> Path:
@@ -62,17 +67,24 @@ def parse_record(obj: object, where: str, root: Path, codec: CoordCodec) -> Reco
     if missing:
         raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
     images, w, h = obj["images"], obj["width"], obj["height"]
-    if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str)):
+    if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str)
+            and images[0].strip() and "\0" not in images[0]):
         raise UserError(f"{where}: 'images' must be a list with exactly one path")
     for key, v in (("width", w), ("height", h)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise UserError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIDE:
+            raise UserError(f"{where}: '{key}' must be a positive integer (at most "
+                            f"{MAX_SIDE}), got {_short(v)}")
     if not isinstance(obj["objects"], list):
         raise UserError(f"{where}: 'objects' must be a list")
     objects = tuple(_parse_object(o, f"{where}: object {i}", w, h, codec)
                     for i, o in enumerate(obj["objects"]))
     extra = {k: v for k, v in obj.items() if k not in REQUIRED_KEYS}
-    return Record(images[0], w, h, objects, root, extra)
+    return Record(images[0], w, h, objects, root, extra, where)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> DetObject:
@@ -88,7 +100,7 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
     if not isinstance(desc, str) or not desc.strip():
         raise UserError(f"{where}: 'desc' must be a non-empty string")
     if any(c in desc for c in "\n\r\t"):
-        raise UserError(f"{where}: 'desc' {desc!r} contains a newline or tab")
+        raise UserError(f"{where}: 'desc' {_short(desc)} contains a newline or tab")
     box = o["bbox_2d"]
     if not isinstance(box, list) or len(box) != 4:
         raise UserError(f"{where}: 'bbox_2d' must be [x1, y1, x2, y2]")
@@ -98,11 +110,16 @@ def _parse_object(o: object, where: str, w: int, h: int, codec: CoordCodec) -> D
             raise UserError(f"{where}: 'bbox_2d' {box} has an invalid coord token")
         box = codec.box_bins_to_px(bins, w, h)
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box):
-        raise UserError(f"{where}: 'bbox_2d' {box} must hold 4 numbers or 4 coord tokens")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise UserError(f"{where}: 'bbox_2d' {_short(box)} must hold 4 numbers or 4 coord "
+                        "tokens")
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except OverflowError:
+        raise UserError(f"{where}: 'bbox_2d' {_short(box)} has a number too large") from None
+    finite = all(map(math.isfinite, (x1, y1, x2, y2)))
+    if not (finite and 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
         raise UserError(
-            f"{where}: box {box} is outside the {w}x{h} image or has x2<=x1 / y2<=y1"
+            f"{where}: box {_short(box)} is outside the {w}x{h} image or has x2<=x1 / y2<=y1"
         )
     return DetObject(desc, (x1, y1, x2, y2), o.get("difficult", False))
 
@@ -117,38 +134,28 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[object, str]]:
-    """The decoded JSON value of every non-blank line, with its "file:line"."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line), f"{path}:{lineno}"
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                                ) from None
+    """The decoded JSON value of every non-blank line, with its "file:line"; non-UTF-8 bytes,
+    malformed JSON, over-long integers and deep nesting are errors naming the line."""
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            where = f"{path}:{lineno}"
+            yield parse_json(line, where), where
 
 
 def read_records(path: str | Path, *, check_images: bool = True,
                  codec: CoordCodec | None = None) -> list[Record]:
-    """Read and validate a JSONL file; any problem raises UserError naming file and line."""
+    """Read and validate a JSONL file; any problem raises UserError naming file and line.
+    check_images: every image exists, its header reads and its size is the record's."""
     codec, records = codec or CoordCodec(), []
     for obj, where in iter_jsonl(path):
         rec = parse_record(obj, where, Path(path).parent, codec)
-        if check_images and not rec.image_path.is_file():
-            raise UserError(f"{where}: image file {rec.image_path} not found")
+        if check_images:
+            check_image(rec.image_path, rec.width, rec.height, where)
         records.append(rec)
     return records
 
 
 def write_records(path: str | Path, records: list[Record]) -> None:
     """Write records as JSONL (atomically: a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n"
+                                    for r in records))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ from coordexp.eval.predictions import (
     PARSE_COUNTERS,
     Prediction,
     align_lines,
+    cap_predictions,
     read_prediction,
     read_prediction_lines,
 )
+from coordexp.files import check_output_dir, write_text_atomic
 from coordexp.matching import MatchConfig
 
 METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
@@ -38,6 +41,7 @@ METRIC_KEYS = ("mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100
                "fp_total", "fn_total", "gating_rejections", "matched_iou_mean", "f1@0.5",
                "f1@0.75")
 _MATCH_KEYS = {f.name for f in dataclasses.fields(MatchConfig)}
+MAX_PREDS_PER_IMAGE = 1000  # COCO AP reads at most 100 per image; F1 past this means little
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class EvalOptions:
     constant_score: float | None = None  # give every box this score (AP then follows order)
     desc_weight: float = 0.0  # fuse desc-token probability into scores parsed from raw_text
     field_order: str = "desc_first"
+    max_preds_per_image: int = MAX_PREDS_PER_IMAGE  # more are dropped (lowest scores) and counted
 
     @classmethod
     def of(cls, **opts) -> EvalOptions:
@@ -64,6 +69,7 @@ class Evaluation:
     per_class: list[dict]
     per_image: list[dict]
     matches: list[ImageMatch]  # per GT record: its predictions' indices against its objects'
+    predictions: list[Prediction | None]  # what was evaluated (after max_preds_per_image)
 
 
 def evaluate_records(gt_records: list[Record], pred_records: list[dict], **opts) -> dict:
@@ -92,6 +98,7 @@ def _evaluate_lines(gt_records: list[Record], lines: list[tuple[object, str]],
 def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None],
                          opts: EvalOptions) -> Evaluation:
     """Evaluate predictions aligned with the GT records (None: no prediction for it)."""
+    preds, overflow = cap_predictions(preds, opts.max_preds_per_image)
     lvis_names = federated_names(gt_records)  # None unless the GT carries LVIS labels
     categories = list(dict.fromkeys([o.desc for r in gt_records for o in r.objects]
                                     + (lvis_names or [])))
@@ -112,9 +119,10 @@ def evaluate_predictions(gt_records: list[Record], preds: list[Prediction | None
     metrics = {k: merged[k] for k in METRIC_KEYS}
     _add_class_counts(per_class, gt_dets, pred_dets)
     counters = _counters(preds, pred_dets, mapper, categories)
+    counters["pred_over_cap_dropped"] = overflow
     if federated is not None:
         counters["lvis_unverified_ignored"] = count_unverified(pred_dets, gt_dets, federated)
-    return Evaluation(metrics, counters, per_class, per_image, matches)
+    return Evaluation(metrics, counters, per_class, per_image, matches, preds)
 
 
 def _gt_detections(r: Record, mapper: DescMapper) -> Detections:
@@ -189,18 +197,19 @@ def eval_command(gt_path: str | Path, pred_path: str | Path, out_dir: str | Path
                  **opts) -> int:
     """`coordexp eval`: write metrics.json, counters.json, per_class.json/.csv and
     per_image.json to out_dir and print a compact table."""
+    out = check_output_dir(out_dir, "--out")
     gt = read_records(gt_path, check_images=False)
     lines = read_prediction_lines(pred_path)
     ev = _evaluate_lines(gt, lines, EvalOptions.of(**opts), str(pred_path))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, value in (("metrics", ev.metrics), ("counters", ev.counters),
                         ("per_class", ev.per_class), ("per_image", ev.per_image)):
-        (out / f"{name}.json").write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    with (out / "per_class.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["category", "gt_objects", "pred_objects", "AP", "AP50", "AP75"])
-        writer.writeheader()
-        writer.writerows(ev.per_class)
+        write_text_atomic(out / f"{name}.json", json.dumps(value, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, ["category", "gt_objects", "pred_objects", "AP", "AP50", "AP75"])
+    writer.writeheader()
+    writer.writerows(ev.per_class)
+    write_text_atomic(out / "per_class.csv", table.getvalue())
     print(format_table(ev))
     print(f"wrote {out}/metrics.json, counters.json, per_class.json/.csv, per_image.json")
     return 0
@@ -224,7 +233,8 @@ def format_table(ev: Evaluation) -> str:
         f" (ambiguous {c['parse_dropped_ambiguous']})",
         f"desc: unknown_dropped {c['coco_counter_unknown_dropped']}"
         f"  semantic_mapped {c['coco_counter_semantic_mapped']}"
-        f"  images_without_pred_record {c['images_without_pred_record']}",
+        f"  images_without_pred_record {c['images_without_pred_record']}"
+        f"  pred_over_cap_dropped {c['pred_over_cap_dropped']}",
     ] + ([f"lvis: federated AP; unverified_ignored {c['lvis_unverified_ignored']}"]
          if "lvis_unverified_ignored" in c else []))
 

@@ -12,6 +12,7 @@ Lines are untrusted input: every problem is a UserError naming the file and line
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,24 @@ def from_parse(gt: Record, result: ParseResult, scores: list[float],
     return Prediction(gt.image, gt.width, gt.height, [o["desc"] for o in result.objects],
                       _boxes(boxes), np.asarray(scores, dtype=np.float64), parse_counts(result),
                       raw_text, bins)
+
+
+def cap_predictions(preds: list[Prediction | None],
+                    cap: int) -> tuple[list[Prediction | None], int]:
+    """Each image's `cap` highest-scoring objects (ties: emission order), kept in emission
+    order, and how many objects the cap dropped over all images. Bounds the work per image."""
+    out, dropped = [], 0
+    for p in preds:
+        if p is None or len(p.descs) <= cap:
+            out.append(p)
+            continue
+        keep = np.sort(np.argsort(-p.scores, kind="stable")[:cap])  # [cap]
+        dropped += len(p.descs) - cap
+        out.append(dataclasses.replace(
+            p, descs=[p.descs[i] for i in keep.tolist()], boxes_px=p.boxes_px[keep],
+            scores=p.scores[keep],
+            boxes_bins=None if p.boxes_bins is None else p.boxes_bins[keep]))
+    return out, dropped
 
 
 def box_scores(token_logprobs: Sequence[float] | np.ndarray, tokens: Sequence[ObjectTokens],

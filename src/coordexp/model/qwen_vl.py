@@ -8,6 +8,7 @@ from pathlib import Path
 import transformers as T
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 
 from coordexp.errors import UserError
 
@@ -82,8 +83,9 @@ def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None 
     try:
         model = T.AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation)
-    except (OSError, ValueError) as e:  # truncated / missing safetensors
-        raise UserError(f"{model_dir}: cannot load model weights ({e})") from None
+    except (OSError, ValueError, SafetensorError) as e:  # truncated / missing safetensors
+        raise UserError(f"{model_dir}: cannot load the model weights "
+                        f"({' '.join(str(e).split())[:200]})") from None
     return model, processor, family
 
 

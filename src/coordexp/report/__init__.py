@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordexp.errors import UserError
+from coordexp.files import check_output_dir
 from coordexp.report.analysis import parse_corr_pairs
 from coordexp.report.build import analyze_run, write_report
 from coordexp.report.compare import write_compare
@@ -25,6 +26,8 @@ def report_command(run_dir: str | None, *, out: str = "", compare: list[str] = (
         raise UserError(f"--window must be a positive number of train rows, got {window}")
     pairs = parse_corr_pairs(list(corr))
     runs = [load_run(p) for p in paths]
+    default = runs[0].path / ("report" if len(runs) == 1 else "report_compare")
+    check_output_dir(out or default, "--out")
     if len(runs) == 1:
         target = Path(out) if out else runs[0].path / "report"
         report = write_report(runs[0], target, window=window, corr=pairs)

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from coordexp.files import write_text_atomic
 from coordexp.report.analysis import (
     DIAG_KEYS,
     EVAL_KEYS,
@@ -77,10 +78,9 @@ def report_blocks(run: Run, report: dict, out: Path) -> list[Block]:
 
 
 def write_documents(blocks: list[Block], report: dict, out: Path, title: str) -> None:
-    (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
-    (out / "report.html").write_text(to_html(blocks, title), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n",
-                                     encoding="utf-8")
+    write_text_atomic(out / "report.md", to_markdown(blocks))
+    write_text_atomic(out / "report.html", to_html(blocks, title))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
 
 
 def write_report(run: Run, out: Path, *, window: int, corr: list[tuple[str, str]]) -> dict:

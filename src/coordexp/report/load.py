@@ -11,6 +11,7 @@ from pathlib import Path
 
 from coordexp.config import read_yaml
 from coordexp.errors import UserError
+from coordexp.files import read_text
 
 RUN_FILES = ("run_metadata.json", "resolved_config.yaml", "logging.jsonl")
 DUMP_RE = re.compile(r"step_(\d+)\.json")
@@ -64,8 +65,8 @@ def _read_json_file(path: Path, run: Run) -> dict:
         run.missing.append(f"{path.name} is missing: no provenance")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(read_text(path))
+    except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object at the top level")
@@ -85,14 +86,14 @@ def read_log_rows(path: Path, run: Run) -> list[dict]:
     if not path.is_file():
         run.missing.append("logging.jsonl is missing: no eval table, diagnostics or correlations")
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        except ValueError as e:
             if number == len(lines):
                 run.missing.append(f"logging.jsonl line {number} is half-written (skipped)")
                 break
@@ -118,8 +119,8 @@ def list_dumps(run_dir: Path) -> list[Path]:
 
 def _read_dump(path: Path) -> dict:
     try:
-        dump = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        dump = json.loads(read_text(path))
+    except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(dump, dict) or not isinstance(dump.get("samples"), list):
         raise UserError(f"{path}: a monitor dump needs a 'samples' list")

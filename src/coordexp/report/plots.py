@@ -12,9 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from coordexp.codec import CoordCodec  # noqa: E402
+from coordexp.data.images import open_rgb8  # noqa: E402
+from coordexp.errors import UserError  # noqa: E402
 from coordexp.report.dumps import sample_outcomes  # noqa: E402
 
 COLORS = {"matched": "#1a9850", "false positive": "#d7301f", "missed": "#7b3294"}
@@ -114,9 +115,8 @@ def _draw_box(ax, obj: dict, color: str, width: int, height: int) -> None:
 def _load_image(path: Path, width: int, height: int) -> tuple[np.ndarray, bool]:
     """The image as RGB [H, W, 3], or a grey canvas of the dumped size when it is unreadable."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((width, height))), True
-    except (OSError, UnidentifiedImageError):
+        return np.asarray(open_rgb8(path).resize((width, height))), True
+    except UserError:
         return np.full((height, width, 3), 200, dtype=np.uint8), False
 
 

@@ -87,17 +87,13 @@ CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
        max-width: 1180px; margin: 24px auto; padding: 0 16px; }
 h1 { font-size: 24px; border-bottom: 2px solid #ddd; padding-bottom: 6px; }
-h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #eee; }
-h3 { font-size: 15px; }
-.wide { overflow-x: auto; }
-table { border-collapse: collapse; margin: 10px 0; font-size: 13px; }
+h2 { font-size: 19px; margin-top: 32px; border-bottom: 1px solid #eee; } h3 { font-size: 15px; }
+.wide { overflow-x: auto; } table { border-collapse: collapse; margin: 10px 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f2f2f2; }
-tr:nth-child(even) td { background: #fafafa; }
+th { background: #f2f2f2; } tr:nth-child(even) td { background: #fafafa; }
 code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; font-size: 12px; }
-figure { margin: 14px 0; }
-figure img { max-width: 100%; border: 1px solid #eee; }
+figure { margin: 14px 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 12px; }
 """
 

@@ -11,12 +11,14 @@ with weights_only=True.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -26,12 +28,16 @@ from transformers import AutoModelForImageTextToText
 
 from coordexp.artifacts import checkpoint_dir, finish_checkpoint, prune_checkpoints
 from coordexp.errors import UserError
+from coordexp.files import load_json
 from coordexp.model.tuning import ADAPTER_CONFIG, hf_model, is_adapter, save_adapter
 
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE = "training_state.pt"
 # full tensors, moved to the CPU of rank 0 only (the others get empty dicts)
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# trainer_state.json fields a resume reads, with the JSON types each may have
+STATE_TYPES = {"step": (int,), "best_metric": (int, float, type(None)),
+               "best_step": (int, type(None)), "train_seconds": (int, float), "data_order": (dict,)}
 
 
 def rng_state() -> dict:
@@ -111,18 +117,32 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, order) -> dict:
                         "adapter run resumes from its own checkpoints only")
     try:
         blob = torch.load(files[1], weights_only=True)
-        meta = json.loads(files[2].read_text())
         if is_adapter(model):
             weights = blob["trainable"]
         else:  # from_pretrained maps the saved (HF checkpoint) key names to the module's
             weights = AutoModelForImageTextToText.from_pretrained(
                 ckpt, dtype=hf_model(model).dtype).state_dict()
-    except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{ckpt}: cannot read checkpoint ({e}); it may be truncated") from None
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=blob["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=not is_adapter(model)))
-    scheduler.load_state_dict(blob["scheduler"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    set_rng_state(blob["rng"][min(rank, len(blob["rng"]) - 1)])
-    order.load_state_dict(meta.pop("data_order"))
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError, KeyError,
+            pickle.UnpicklingError) as e:
+        raise UserError(f"{ckpt}: cannot read checkpoint ({' '.join(str(e).split())[:200]}); "
+                        "it may be truncated") from None
+    meta = load_json(files[2])
+    bad = [k for k, types in STATE_TYPES.items()
+           if not isinstance(meta, dict) or type(meta.get(k, ...)) not in types]
+    if not bad and not all(type(meta["data_order"].get(k)) is int for k in ("epoch", "pos")):
+        bad = ["data_order.epoch/pos"]
+    if bad:
+        raise UserError(f"{files[2]}: missing or mistyped key(s) {', '.join(bad)}")
+    try:
+        set_state_dict(model, optimizer, model_state_dict=weights,
+                       optim_state_dict=blob["optimizer"],
+                       options=StateDictOptions(full_state_dict=True,
+                                                strict=not is_adapter(model)))
+        scheduler.load_state_dict(blob["scheduler"])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        set_rng_state(blob["rng"][min(rank, len(blob["rng"]) - 1)])
+        order.load_state_dict(meta.pop("data_order"))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise UserError(f"{files[1]} / {STATE_FILE}: missing or mistyped state "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     return meta

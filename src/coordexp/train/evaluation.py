@@ -27,7 +27,7 @@ def score_predictions(records: list[Record], preds: list[Prediction],
     ev = evaluate_predictions(records, preds, EvalOptions(match=cfg.match,
                                                           semantic=cfg.eval.semantic_desc))
     samples = [dump_sample(i, r, p, m) for i, (r, p, m) in
-               enumerate(zip(records, preds, ev.matches, strict=True))]
+               enumerate(zip(records, ev.predictions, ev.matches, strict=True))]
     return rollout_metrics(ev), samples
 
 

@@ -18,7 +18,13 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from coordexp.artifacts import RunLog, latest_checkpoint, write_metadata, write_monitor_dump
+from coordexp.artifacts import (
+    RunLog,
+    latest_checkpoint,
+    lock_run_dir,
+    write_metadata,
+    write_monitor_dump,
+)
 from coordexp.codec import CoordCodec
 from coordexp.config import (
     Config,
@@ -32,6 +38,7 @@ from coordexp.data.collate import Collator
 from coordexp.data.records import read_records
 from coordexp.diagnostics import finalize_stats
 from coordexp.errors import UserError
+from coordexp.files import check_output_dir
 from coordexp.model.tuning import hf_model
 from coordexp.predict import predict_records
 from coordexp.train.checkpoint import load_checkpoint, save_checkpoint
@@ -109,10 +116,13 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         for note in ignored_keys_notes(cfg) + packing_notes(cfg):
             print(note, file=sys.stderr)
     run_dir = Path(t.output_dir) / t.run_name
+    if main:
+        check_output_dir(run_dir, "training.output_dir/run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir) if main else None  # held until this training ends
     if main and (run_dir / "logging.jsonl").exists() and not resume:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
                         "training.run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     # the same seed on every rank: a tiny model's weights and fresh LoRA weights come out
     # identical everywhere without a broadcast (FSDP shards what each rank built)
     torch.manual_seed(t.seed)
@@ -120,6 +130,9 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     if not train_records:
         raise UserError(f"{cfg.data.train}: no records")
     val_records = read_records(cfg.data.val) if cfg.data.val else []
+    if cfg.data.val and not val_records:
+        raise UserError(f"{cfg.data.val}: no records, so evaluation would be off; give a "
+                        "non-empty file or leave data.val empty")
     val_records = val_records[: cfg.data.val_limit or None]
 
     # model (a PeftModel under LoRA/DoRA) -> per-layer checkpointing -> the step as a module
@@ -129,6 +142,7 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         enable_checkpointing(model)
     model.to(accelerator.device).train()
     collator = Collator(processor, CoordCodec(), cfg.data.field_order)
+    collator.check_descs(train_records)
     step_fn = build_step_fn(cfg, hf_model(model), collator)
     engine = wrap(StepModule(model, step_fn), t.distributed, world, accelerator.device)
     optimizer = build_optimizer(model, t)
@@ -136,8 +150,10 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     gas = cfg.gradient_accumulation_steps(world)
     order = build_data_order(t, train_records, collator, rank, world)
     state = TrainState()
-    if resume:
-        ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+    ckpt = (latest_checkpoint(run_dir) if resume == "latest" else Path(resume)) if resume else None
+    if resume and ckpt is None and main:
+        print(f"note: {run_dir} has no checkpoint yet; starting the run afresh", file=sys.stderr)
+    if ckpt is not None:
         state.__dict__.update(load_checkpoint(ckpt, model, optimizer, scheduler, order))
     if main:
         write_metadata(run_dir, cfg, world)
@@ -178,6 +194,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     bar.close()
     log.close()
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.close()
     return run_dir
 
 
