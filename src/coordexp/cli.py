@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--src", required=True)
     a.add_argument("--dst", required=True)
     a.set_defaults(run=_cmd_add_coord_tokens)
+    mg = m.add_parser("merge", help="adapter checkpoint (LoRA/DoRA + coord rows) -> plain HF "
+                                    "model directory")
+    mg.add_argument("--src", required=True, help="adapter checkpoint directory")
+    mg.add_argument("--dst", required=True, help="output model directory")
+    mg.set_defaults(run=_cmd_merge)
 
     i = sub.add_parser("infer", help="images or records -> predictions JSONL (boxes, labels, "
                                      "scores); resumable, and sharded under torchrun")
@@ -369,6 +374,20 @@ def _cmd_add_coord_tokens(args: argparse.Namespace) -> int:
     resize_for_tokenizer(model, processor.tokenizer)
     save_vlm(model, processor, args.dst)
     print(f"{family}: vocabulary {before} -> {len(processor.tokenizer)}; saved to {args.dst}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from coordexp.model.qwen_vl import load_vlm, save_vlm
+    from coordexp.model.tuning import ADAPTER_CONFIG
+
+    if not (Path(args.src) / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{args.src}: not an adapter checkpoint (no {ADAPTER_CONFIG})")
+    model, processor, family = load_vlm(args.src)
+    save_vlm(model, processor, args.dst)
+    print(f"{family}: merged {args.src} into a plain model directory {args.dst}")
     return 0
 
 

@@ -22,10 +22,22 @@ from coordexp.matching import MatchConfig
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("llm", "vit", "aligner")  # all linear layers of these parts
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""  # an HF model directory with the coord tokens, or a hub id in the HF cache
+    # an HF model directory with the coord tokens, a hub id in the HF cache, or an adapter
+    # checkpoint (merged into its base on load)
+    path: str = ""
     init_tiny: str = ""  # or build a tiny random model of this family into the run directory
     coord_embed_init: str = "mean"  # mean | ordinal: start coord-token embeddings on a 1-D curve
+    tuning: str = "full"  # full | lora | dora (the 1000 coord rows always train)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class TrainingConfig:
     packing_length: int = 4096
     packing_allow_single_long: bool = False  # a sample longer than a row runs alone
     report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard, wandb; logging.jsonl always
+    gradient_checkpointing: bool = False  # LLM layers and ViT blocks keep only their inputs
+    distributed: str = "ddp"  # ddp | fsdp (decoder layers and vision blocks as shard units)
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,8 @@ CHOICES = {
     "training.packing": ("none", "static"),
     "data.field_order": ("desc_first", "geometry_first"),
     "model.coord_embed_init": ("mean", "ordinal"),
+    "model.tuning": ("full", "lora", "dora"),
+    "training.distributed": ("ddp", "fsdp"),
     "stage2_ab.softctx_grad_mode": ("unroll", "em_detach"),
     "stage2_ab.coord_ctx_embed_mode": ("st", "soft", "hard"),
     "stage2_ab.coord_decode_mode": ("exp", "st"),
@@ -372,6 +388,13 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     for key, v in positive.items():
         if v < 1:
             raise UserError(f"'{key}' must be >= 1, got {v}")
+    lora = cfg.model.lora
+    if lora.r < 1 or lora.alpha < 1 or not 0.0 <= lora.dropout < 1.0:
+        raise UserError("'model.lora.r' and 'model.lora.alpha' must be >= 1 and "
+                        "'model.lora.dropout' in [0, 1)")
+    if not lora.targets or set(lora.targets) - {"llm", "vit", "aligner"}:
+        raise UserError(f"'model.lora.targets' must be a non-empty list of llm, vit, aligner; "
+                        f"got {list(lora.targets)}")
     if not 0.0 <= s.schedule.b_ratio <= 1.0:
         raise UserError(f"'stage2_ab.schedule.b_ratio' must be in [0, 1], got {s.schedule.b_ratio}")
     if not 1.0 <= s.channel_b.drop_invalid_struct_ce_multiplier <= 4.0:

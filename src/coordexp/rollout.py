@@ -111,7 +111,10 @@ def generate_batch(model, processor, images: list[Image.Image], cfg: RolloutConf
                            num_beams=1, repetition_penalty=1.0, use_cache=True,
                            eos_token_id=sorted(table.stop_ids),
                            pad_token_id=tokenizer.pad_token_id, **sampling)
-    sequences = model.generate(**inputs, generation_config=gen, logits_processor=processors)
+    # each rank generates alone: weights are never sharded during rollouts (FSDP gathers them
+    # first), so ranks need not step in lockstep as transformers assumes for FSDP models
+    sequences = model.generate(**inputs, generation_config=gen, logits_processor=processors,
+                               synced_gpus=False)
     if constraint is not None:
         constraint.check()
     new = sequences[:, inputs["input_ids"].shape[1]:]  # [B, T]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft.utils.other import TrainableTokensWrapper
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
@@ -20,13 +21,38 @@ from coordexp.data.packing import Layout, pack_batch, plan_packs
 from coordexp.model.packed_attention import use_packed_attention
 
 
+class ReplayCache(DynamicCache):
+    """A DynamicCache whose writes may run twice: under per-layer activation checkpointing a
+    layer's forward (cache write included) is replayed in backward. Each layer's keys/values
+    are the ones it started with plus its latest write, never the write appended twice."""
+
+    def __init__(self, kv: list[tuple[Tensor, Tensor]] | None = None, *, config):
+        super().__init__(ddp_cache_data=kv, config=config)
+        self.start: dict[int, int] = {}  # layer -> cached length before this call's write
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kw):
+        layer = self.layers[layer_idx]
+        if layer_idx in self.start:  # a replay: drop the first write
+            n = self.start[layer_idx]
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        else:
+            self.start[layer_idx] = layer.get_seq_length()
+        return super().update(key_states, value_states, layer_idx, *args, **kw)
+
+
 def hidden_states(model, inputs: dict[str, Tensor]) -> Tensor:
     """Final (normed) hidden states [B, T, D] of the full multimodal forward; no logits."""
     return model.model(**inputs, use_cache=False).last_hidden_state
 
 
 def lm_head_weight(model) -> Tensor:
-    return model.get_output_embeddings().weight  # [V, D]
+    """The head's effective weight [V, D]. Under PEFT trainable tokens the head module keeps the
+    frozen base weight and its trainable coord rows apart; this is the base with those rows
+    written in (a differentiable copy, so gradients reach the rows)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper):
+        return head.token_adapter.get_merged_weights(head.token_adapter.active_adapters)
+    return head.weight
 
 
 def input_embeddings(model) -> torch.nn.Embedding:
@@ -135,7 +161,7 @@ class Prefix:
 def run_prefix(model, mm: MultimodalInputs, length: int) -> Prefix:
     """Run the first `length` columns once; every later suffix call attends to their K/V and
     back-propagates into them (a cache concatenates, it does not detach)."""
-    cache = DynamicCache(config=model.model.language_model.config)
+    cache = ReplayCache(config=model.model.language_model.config)
     hidden = _decoder(model, mm, mm.embeds[:, :length], 0, cache)
     return Prefix(length, hidden, [(layer.keys, layer.values) for layer in cache.layers])
 
@@ -150,7 +176,7 @@ def run_suffix(model, mm: MultimodalInputs, prefix: Prefix, embeds: Tensor,
     backward and runs again there (activation checkpointing through the shared prefix K/V).
     """
     def suffix(tail: Tensor) -> Tensor:
-        cache = DynamicCache(ddp_cache_data=prefix.kv, config=model.model.language_model.config)
+        cache = ReplayCache(prefix.kv, config=model.model.language_model.config)
         return _decoder(model, mm, tail, prefix.length, cache)
 
     tail = embeds[:, prefix.length:]

@@ -67,16 +67,19 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None = None):
-    """(model, processor, family) from a saved HF directory or a cached hub id; fails clearly
-    if it is incomplete. `attn_implementation`: "sdpa", "flash_attention_2" or "eager" (None:
-    the HF default)."""
+    """(model, processor, family) from a saved HF directory, a cached hub id, or an adapter
+    checkpoint (merged into its base here); fails clearly if it is incomplete.
+    `attn_implementation`: "sdpa", "flash_attention_2" or "eager" (None: the HF default)."""
+    from coordexp.model.tuning import ADAPTER_CONFIG, adapter_base, merge_adapter
+
     model_dir = resolve_model_dir(model_dir)
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        base, _, family = load_vlm(adapter_base(model_dir), dtype, attn_implementation)
+        return merge_adapter(base, model_dir), load_processor(model_dir, family), family
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
     family = model_family(model_dir)
-    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
-    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-    processor = build_processor(family, tokenizer, image_processor)
+    processor = load_processor(model_dir, family)
     try:
         model = T.AutoModelForImageTextToText.from_pretrained(
             model_dir, dtype=dtype, attn_implementation=attn_implementation)
@@ -84,6 +87,12 @@ def load_vlm(model_dir: str | Path, dtype=None, attn_implementation: str | None 
         raise UserError(f"{model_dir}: cannot load the model weights "
                         f"({' '.join(str(e).split())[:200]})") from None
     return model, processor, family
+
+
+def load_processor(model_dir: Path, family: str):
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    image_processor = T.Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+    return build_processor(family, tokenizer, image_processor)
 
 
 def save_vlm(model, processor, out_dir: str | Path) -> None:

@@ -1,8 +1,8 @@
 """The one training loop, read top to bottom: every stage only provides its step function.
 
-Runs on `accelerate.Accelerator` (device, mixed precision, process group). The model is not
-wrapped in DDP: step functions call submodules directly (the fast Channel A needs that), so the
-loop averages gradients across ranks itself, once per optimizer step.
+Runs on `accelerate.Accelerator` (device, mixed precision, process group). The step runs as the
+forward of one module (`train/engine.StepModule`) wrapped by torch's DDP or FSDP2, so gradient
+averaging (DDP) or reduce-scattering (FSDP) is the engine's, hooked into every step.
 """
 
 from __future__ import annotations
@@ -39,8 +39,19 @@ from coordexp.data.records import read_records
 from coordexp.diagnostics import finalize_stats
 from coordexp.errors import UserError
 from coordexp.files import check_output_dir
+from coordexp.model.tuning import hf_model
+from coordexp.predict import predict_records
 from coordexp.train.checkpoint import load_checkpoint, save_checkpoint
 from coordexp.train.data_order import DataOrder, build_data_order
+from coordexp.train.engine import (
+    StepModule,
+    clip_gradients,
+    enable_checkpointing,
+    full_parameters,
+    gradient_sync,
+    inner,
+    wrap,
+)
 from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
 from coordexp.train.terms import add_stats
 
@@ -61,6 +72,8 @@ def reduce_stats(stats: dict[str, torch.Tensor], world: int) -> dict[str, torch.
     """Sum (sum, count) pairs over ranks; key sets may differ, so they are unioned first."""
     if world == 1:
         return stats
+    # a rank whose step had no coord slot (or ran the other channel) lacks some keys: agree on
+    # the union first (a small object gather), then one all-reduce of every pair at once
     keys: list = [None] * world
     dist.all_gather_object(keys, sorted(stats))
     names = sorted(set().union(*keys))
@@ -70,38 +83,31 @@ def reduce_stats(stats: dict[str, torch.Tensor], world: int) -> dict[str, torch.
     return dict(zip(names, stacked, strict=True))
 
 
-def average_gradients(model: torch.nn.Module, world: int) -> None:
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def run_micro_steps(step_fn, order: DataOrder, records, gas: int, step: int, accelerator):
+def run_micro_steps(engine, order: DataOrder, records, gas: int, step: int, accelerator):
     """Forward/backward over one accumulation window; returns the summed statistics."""
     totals: dict[str, torch.Tensor] = {}
-    for _ in range(gas):
+    for micro in range(gas):
         batch = [records[i] for i in order.next_indices()]
-        with accelerator.autocast():
-            out = step_fn(batch, step)
-        if not torch.isfinite(out.loss.detach()):
-            ids = ", ".join(r.image for r in batch)
-            raise NonFiniteLoss(f"non-finite loss {out.loss.item()} at step {step} "
-                                f"(samples: {ids}); lower the learning rate or check the data")
-        (out.loss / gas).backward()
-        add_stats(totals, out.stats)
+        # the engine reduces gradients across ranks in the window's last backward only
+        with gradient_sync(engine, micro == gas - 1):
+            with accelerator.autocast():
+                loss, stats = engine(batch, step)
+            # one host sync per micro-step: a non-finite loss must stop the run here, naming
+            # its samples, before it reaches the weights
+            if not torch.isfinite(loss.detach()):
+                ids = ", ".join(r.image for r in batch)
+                raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {step} "
+                                    f"(samples: {ids}); lower the learning rate or check the data")
+            (loss / gas).backward()
+        add_stats(totals, stats)
     return totals
 
 
 def train(cfg: Config, *, resume: str = "") -> Path:
     """Train per the config; returns the run directory."""
     t = cfg.training
+    # the process group (from torchrun's environment), the device and autocast; the engine
+    # around the model is torch's own (train/engine.py)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, \
         accelerator.is_main_process
@@ -117,6 +123,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
     if main and (run_dir / "logging.jsonl").exists() and not resume:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest or choose another "
                         "training.run_name")
+    # the same seed on every rank: a tiny model's weights and fresh LoRA weights come out
+    # identical everywhere without a broadcast (FSDP shards what each rank built)
     torch.manual_seed(t.seed)
     train_records = read_records(cfg.data.train)
     if not train_records:
@@ -127,11 +135,16 @@ def train(cfg: Config, *, resume: str = "") -> Path:
                         "non-empty file or leave data.val empty")
     val_records = val_records[: cfg.data.val_limit or None]
 
+    # model (a PeftModel under LoRA/DoRA) -> per-layer checkpointing -> the step as a module
+    # forward -> DDP / FSDP; the optimizer comes last since FSDP replaces the parameters
     model, processor = build_model(cfg, run_dir, main)
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
     model.to(accelerator.device).train()
     collator = Collator(processor, CoordCodec(), cfg.data.field_order)
     collator.check_descs(train_records)
-    step_fn = build_step_fn(cfg, model, collator)
+    step_fn = build_step_fn(cfg, hf_model(model), collator)
+    engine = wrap(StepModule(model, step_fn), t.distributed, world, accelerator.device)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     gas = cfg.gradient_accumulation_steps(world)
@@ -146,21 +159,22 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         write_metadata(run_dir, cfg, world)
     log = RunLog(run_dir, main, resume_step=state.step if resume else None,
                  report_to=t.report_to)
-    evaluate = make_evaluator(cfg, model, processor, val_records, run_dir, log, main)
+    evaluate = make_evaluator(cfg, engine, processor, val_records, run_dir, log, rank, world)
 
     bar = tqdm(total=t.max_steps, initial=state.step, desc="train", disable=not main)
     while state.step < t.max_steps:
         started = time.perf_counter()
-        totals = run_micro_steps(step_fn, order, train_records, gas, state.step, accelerator)
-        average_gradients(model, world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        totals = run_micro_steps(engine, order, train_records, gas, state.step, accelerator)
+        # the global norm needs every rank's gradient shard: one all-reduce under FSDP
+        grad_norm = clip_gradients(engine, t.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.train_seconds += time.perf_counter() - started
+        # statistics are (sum, count) pairs: summed over ranks before any ratio is formed
         metrics = finalize_stats(reduce_stats(totals, world))
-        metrics |= {"grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0]}
+        metrics |= {"grad_norm": grad_norm, "learning_rate": scheduler.get_last_lr()[0]}
         out_of_time = t.max_minutes > 0 and state.train_seconds > 60 * t.max_minutes
         last = state.step == t.max_steps or _agree(out_of_time, world)
         if state.step % t.logging_steps == 0 or last:
@@ -171,6 +185,8 @@ def train(cfg: Config, *, resume: str = "") -> Path:
         if val_records and (state.step % t.eval_steps == 0 or (last and t.eval_at_end)):
             track_best(state, evaluate(state.step), t.metric_for_best)
         if state.step % t.save_steps == 0 or last:
+            # every rank takes part: the full weights are gathered from the shards, then
+            # written once by the main process
             save_checkpoint(run_dir, state, model, processor, optimizer, scheduler, order,
                             keep=t.save_total_limit, main=main)
         if last:
@@ -194,7 +210,9 @@ def _expected_last_step(t: TrainingConfig, state: TrainState) -> int:
 
 
 def _agree(flag: bool, world: int) -> bool:
-    """Every rank stops together: the time budget is checked on rank 0's clock."""
+    """Every rank stops together: the time budget is checked on rank 0's clock (one
+    broadcast per step; ranks' clocks differ, and a rank that stopped alone would hang the
+    others' next collective)."""
     if world == 1:
         return flag
     t = torch.tensor([float(flag)])
@@ -209,25 +227,55 @@ def track_best(state: TrainState, metrics: dict | None, key: str) -> None:
         state.best_metric, state.best_step = metrics[key], state.step
 
 
-def make_evaluator(cfg, model, processor, val_records, run_dir, log, main):
-    """Eval runs rollouts on the main process; other ranks wait for it."""
+def make_evaluator(cfg, engine, processor, val_records, run_dir, log, rank: int, world: int):
+    """evaluate(step) -> metrics on every rank; the main process logs them and the dump."""
 
     def evaluate(step: int) -> dict | None:
-        metrics = None
-        if main:
-            from coordexp.train.evaluation import evaluate_model
-
-            metrics, samples = evaluate_model(model, processor, val_records, cfg)
+        metrics, samples = evaluate_distributed(engine, processor, val_records, cfg, rank, world)
+        if rank == 0:
             log.log(step, "eval", metrics)
             if cfg.monitor_dump.enabled:
                 write_monitor_dump(run_dir, step, metrics, samples, cfg.monitor_dump.max_samples)
-        if dist.is_initialized():
+        if world > 1:  # every rank tracks the best checkpoint from the same numbers
             box = [metrics]
             dist.broadcast_object_list(box, 0)
             metrics = box[0]
         return metrics
 
     return evaluate
+
+
+def evaluate_distributed(engine, processor, val_records, cfg, rank: int, world: int):
+    """Every rank rolls out its share of the validation records; the main process scores the
+    gathered predictions, in record order, exactly as one process would: (metrics, samples)
+    there, (None, None) elsewhere."""
+    from coordexp.train.evaluation import score_predictions
+
+    mine = shard_records(val_records, cfg.rollout.batch_size, rank, world)
+    # rollouts run a data-dependent number of forwards per rank: under FSDP the weights are
+    # gathered once for all of them (no collective inside generation)
+    with full_parameters(engine), torch.no_grad():
+        preds = predict_records(hf_model(inner(engine).model), processor,
+                                [val_records[i] for i in mine], cfg, progress=rank == 0)
+    # one object gather puts every rank's predictions back in record order
+    preds = gather_in_order(preds, mine, len(val_records), world)
+    return score_predictions(val_records, preds, cfg) if rank == 0 else (None, None)
+
+
+def shard_records(records: list, batch_size: int, rank: int, world: int) -> list[int]:
+    """Indices of this rank's share: whole rollout batches, round robin. Each batch holds the
+    same records as in a one-process eval, so each rollout (padding included) is identical."""
+    return [i for i in range(len(records)) if (i // batch_size) % world == rank]
+
+
+def gather_in_order(preds: list, mine: list[int], total: int, world: int) -> list:
+    """Every rank's predictions back in record order (one all_gather_object)."""
+    if world == 1:
+        return preds
+    parts: list = [None] * world
+    dist.all_gather_object(parts, list(zip(mine, preds, strict=True)))
+    ordered = dict(pair for part in parts for pair in part)
+    return [ordered[i] for i in range(total)]
 
 
 def train_command(config_path: str, overrides: list[str], resume: str = "") -> int:

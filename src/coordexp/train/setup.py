@@ -12,24 +12,33 @@ from coordexp.config import Config, TrainingConfig
 from coordexp.data.collate import Collator
 from coordexp.model.adapter import init_coord_embeddings_ordinal
 from coordexp.model.qwen_vl import build_processor, load_vlm, save_vlm
+from coordexp.model.tuning import apply_tuning
 from coordexp.train.stage1 import stage1_step
 
 
 def build_model(cfg: Config, run_dir: Path, main: bool):
-    """Load model.path, or build a tiny random model (saved to run_dir/init_model)."""
+    """(model, processor): model.path (an adapter checkpoint is merged into its base), or a tiny
+    random model saved to run_dir/init_model; then LoRA/DoRA per model.tuning, applied to
+    that base directory (a PeftModel; `model.tuning: full` returns the model itself)."""
+    base_path = Path(cfg.model.path or run_dir / "init_model")
     if cfg.model.path:
         model, processor, _ = load_vlm(cfg.model.path)
-        return model, processor
+    else:
+        model, processor = build_tiny(cfg)
+        if main:
+            save_vlm(model, processor, base_path)
+    coord_ids = CoordCodec().token_ids(processor.tokenizer)
+    return apply_tuning(model, cfg.model, coord_ids, base_path), processor
+
+
+def build_tiny(cfg: Config):
     from coordexp.model.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     model = build_tiny_model(tok, TinySpec(family=cfg.model.init_tiny), seed=cfg.training.seed)
     if cfg.model.coord_embed_init == "ordinal":
         init_coord_embeddings_ordinal(model, CoordCodec().token_ids(tok), seed=cfg.training.seed)
-    processor = build_processor(cfg.model.init_tiny, tok)
-    if main:
-        save_vlm(model, processor, run_dir / "init_model")
-    return model, processor
+    return model, build_processor(cfg.model.init_tiny, tok)
 
 
 def param_groups(model, t: TrainingConfig) -> list[dict]:
@@ -67,6 +76,8 @@ def build_scheduler(optimizer, t: TrainingConfig):
 
 
 def build_step_fn(cfg: Config, model, collator: Collator):
+    """step_fn(records, optimizer_step) -> StepOutput, on the transformers model (under PEFT
+    its adapter layers sit in place, so the step needs no PEFT wrapper)."""
     coord_ids = torch.tensor(collator.codec.token_ids(collator.tokenizer))
     if cfg.training.stage == "stage2_ab":
         from coordexp.train.stage2 import Stage2Step
