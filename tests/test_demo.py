@@ -54,13 +54,13 @@ def record_eval_images(monkeypatch) -> list[tuple[str, list[Path]]]:
     """Every evaluation's (run name, image paths), in call order."""
     from coordexp.train import evaluation
 
-    calls, real = [], evaluation.evaluate_model
+    calls, real = [], evaluation.score_predictions  # every evaluation scores through it
 
-    def spy(model, processor, records, cfg):
+    def spy(records, preds, cfg):
         calls.append((cfg.training.run_name, [r.image_path.resolve() for r in records]))
-        return real(model, processor, records, cfg)
+        return real(records, preds, cfg)
 
-    monkeypatch.setattr(evaluation, "evaluate_model", spy)
+    monkeypatch.setattr(evaluation, "score_predictions", spy)
     return calls
 
 
