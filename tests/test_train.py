@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coordexp.cli import main
-from coordexp.config import TrainingConfig, ignored_keys_notes, load_config
+from coordexp.config import TrainingConfig, load_config
 from coordexp.train.loop import (
     NonFiniteLoss,
     TrainState,
@@ -17,6 +17,7 @@ from coordexp.train.loop import (
     run_micro_steps,
     train,
 )
+from coordexp.train.terms import ignored_keys_notes
 
 BASE = ["model.init_tiny=qwen2_5_vl", "training.max_steps=6", "training.save_steps=3",
         "training.effective_batch_size=4", "training.per_device_batch_size=2",

@@ -463,23 +463,6 @@ RULE_TEXT = {">0": "> 0", ">=0": ">= 0", ">=1": ">= 1", "[0,1]": "in [0, 1]",
              "(0,1]": "in (0, 1]", "seed": "in [0, 2**32)"}
 
 
-# coord_soft_ce_w1 keys that only Stage 1 reads -> the stage2_ab key Stage 2 reads instead
-STAGE1_ONLY = {"ce_weight": "coord_ce_weight", "gate_weight": "coord_gate_weight",
-               "bbox_smoothl1_weight": "bbox_smoothl1_weight",
-               "bbox_ciou_weight": "bbox_ciou_weight"}
-
-
-def ignored_keys_notes(cfg: Config) -> list[str]:
-    """One line per Stage-1-only key a Stage-2 config sets away from its default: the run
-    ignores it, and the user should know which key it reads instead."""
-    if cfg.training.stage != "stage2_ab":
-        return []
-    default, c = CoordSoftCEW1Config(), cfg.coord_soft_ce_w1
-    return [f"note: 'coord_soft_ce_w1.{key}' ({getattr(c, key)}) is read by Stage 1 only; this "
-            f"Stage-2 run reads 'stage2_ab.{instead}' ({getattr(cfg.stage2_ab, instead)})"
-            for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
-
-
 def packing_notes(cfg: Config) -> list[str]:
     """What static packing leaves padded: Channel A with n_softctx_iter > 1."""
     s = cfg.stage2_ab

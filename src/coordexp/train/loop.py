@@ -30,7 +30,6 @@ from coordexp.config import (
     Config,
     TrainingConfig,
     check_config,
-    ignored_keys_notes,
     load_config,
     packing_notes,
 )
@@ -53,7 +52,7 @@ from coordexp.train.engine import (
     wrap,
 )
 from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
-from coordexp.train.terms import add_stats
+from coordexp.train.terms import add_stats, ignored_keys_notes
 
 
 class NonFiniteLoss(RuntimeError):

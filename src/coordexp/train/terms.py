@@ -159,7 +159,7 @@ def objective_weights(cfg: Config, stage: str) -> dict[str, float]:
 
     Stage 1 reads coord_soft_ce_w1 alone. Stage 2 reads soft CE and W1 from coord_soft_ce_w1
     (zero when it is disabled) and the hard coord CE, the gates and the box losses from
-    stage2_ab (config.STAGE1_ONLY lists the keys Stage 2 does not read)."""
+    stage2_ab (STAGE1_ONLY lists the keys Stage 2 does not read)."""
     c, s = cfg.coord_soft_ce_w1, cfg.stage2_ab
     if stage == "stage1":
         return {"loss/coord_token_ce": c.ce_weight, "loss/coord_soft_ce": c.soft_ce_weight,
@@ -172,6 +172,23 @@ def objective_weights(cfg: Config, stage: str) -> dict[str, float]:
             "loss/coord_gate": s.coord_gate_weight, "loss/text_gate": s.text_gate_weight,
             "loss/bbox_smoothl1": s.bbox_smoothl1_weight, "loss/bbox_ciou": s.bbox_ciou_weight,
             UNLIKELIHOOD: s.duplicate_ul_weight}
+
+
+# coord_soft_ce_w1 keys that only Stage 1 reads -> the stage2_ab key Stage 2 reads instead
+STAGE1_ONLY = {"ce_weight": "coord_ce_weight", "gate_weight": "coord_gate_weight",
+               "bbox_smoothl1_weight": "bbox_smoothl1_weight",
+               "bbox_ciou_weight": "bbox_ciou_weight"}
+
+
+def ignored_keys_notes(cfg: Config) -> list[str]:
+    """One line per Stage-1-only key a Stage-2 config sets away from its default: the run
+    ignores it, and the user should know which key it reads instead."""
+    if cfg.training.stage != "stage2_ab":
+        return []
+    default, c = CoordSoftCEW1Config(), cfg.coord_soft_ce_w1
+    return [f"note: 'coord_soft_ce_w1.{key}' ({getattr(c, key)}) is read by Stage 1 only; this "
+            f"Stage-2 run reads 'stage2_ab.{instead}' ({getattr(cfg.stage2_ab, instead)})"
+            for key, instead in STAGE1_ONLY.items() if getattr(c, key) != getattr(default, key)]
 
 
 def weighted_total(token_ce: Tensor, terms: dict[str, Tensor], weights: dict[str, float], *,
