@@ -115,6 +115,3 @@ def build_tiny_model(tok, spec: TinySpec, seed: int = 0):
 
     torch.manual_seed(seed)
     return T.AutoModelForImageTextToText.from_config(tiny_config(tok, spec))
-
-
-

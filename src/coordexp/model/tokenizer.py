@@ -14,10 +14,8 @@ def add_coord_tokens(tokenizer, codec: CoordCodec | None = None) -> list[int]:
     """
     codec = codec or CoordCodec()
     vocab = tokenizer.get_vocab()
-    new = [AddedToken(t, special=False, normalized=False, single_word=False, lstrip=False,
-                      rstrip=False) for t in codec.tokens() if t not in vocab]
-    if new:
-        tokenizer.add_tokens(new)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t in codec.tokens() if t not in vocab])
     return codec.token_ids(tokenizer)
 
 
@@ -32,10 +30,8 @@ def resize_for_tokenizer(model, tokenizer) -> None:
         return
     tied = model.config.get_text_config().tie_word_embeddings
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
-    if tied:
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    else:
-        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    shared = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert shared == tied, "a tied head must stay tied and an untied one untied"
 
 
 QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
