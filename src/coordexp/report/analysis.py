@@ -84,9 +84,7 @@ def fmt(value) -> str:
         return "n/a"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
+    if isinstance(value, int) or not math.isfinite(value):
         return str(value)
     size = abs(value)
     if size >= 100:

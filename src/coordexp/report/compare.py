@@ -76,18 +76,13 @@ def knob_table(reports: list[dict], labels: list[str]) -> Table:
 
 
 def compare_plot(runs: list[Run], reports: list[dict], labels: list[str], out: Path) -> list:
-    panels = []
-    for key in ("rollout/mAP", "rollout/f1", "rollout/precision", "rollout/recall"):
-        lines = [Line(lab, *_xy(r["eval_table"], key), markers=True)
-                 for lab, r in zip(labels, reports, strict=True) if _xy(r["eval_table"], key)[0]]
-        if lines:
-            panels.append(Panel(short(key), lines))
-    for key in ("coord_diag/expected_bin_mae", "coord_diag/acc_top5", "loss/coord_soft_ce"):
-        lines = [Line(lab, *_xy(run.train_rows, key)) for lab, run in zip(labels, runs,
-                                                                          strict=True)
-                 if series(run.train_rows, key)]
-        if lines:
-            panels.append(Panel(short(key), lines))
+    eval_rows = [r["eval_table"] for r in reports]
+    panels = [_panel(key, eval_rows, labels, markers=True)
+              for key in ("rollout/mAP", "rollout/f1", "rollout/precision", "rollout/recall")]
+    panels += [_panel(key, [run.train_rows for run in runs], labels, markers=False)
+               for key in ("coord_diag/expected_bin_mae", "coord_diag/acc_top5",
+                           "loss/coord_soft_ce")]
+    panels = [p for p in panels if p.lines]
     if not panels:
         return []
     plot_panels(panels, out / "compare.png")
@@ -95,9 +90,11 @@ def compare_plot(runs: list[Run], reports: list[dict], labels: list[str], out: P
                                   "per run")]
 
 
-def _xy(rows: list[dict], key: str) -> tuple[list, list]:
-    points = series(rows, key)
-    return [s for s, _ in points], [v for _, v in points]
+def _panel(key: str, per_run: list[list[dict]], labels: list[str], markers: bool) -> Panel:
+    """One line per run that logged `key`."""
+    points = [(lab, series(rows, key)) for lab, rows in zip(labels, per_run, strict=True)]
+    return Panel(short(key), [Line(lab, [s for s, _ in p], [v for _, v in p], markers=markers)
+                              for lab, p in points if p])
 
 
 def header_blocks(runs: list[Run], reports: list[dict], labels: list[str]) -> list[Block]:

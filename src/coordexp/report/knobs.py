@@ -31,14 +31,15 @@ KNOBS = (
     ("monitor dumps (max_samples)", "monitor_dump.max_samples", BOTH),
 )
 HARD_CE_KEYS = ("stage2_ab.coord_ce_weight", "coord_soft_ce_w1.ce_weight")
+ABSENT = object()  # a key the config lacks (None is a value: `null`)
 
 
-def lookup(config: dict, dotted: str):
-    """config["a"]["b"] for "a.b"; KeyError if absent."""
+def lookup(config: dict, dotted: str, default=ABSENT):
+    """config["a"]["b"] for "a.b"; `default` if absent."""
     value = config
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(dotted)
+            return default
         value = value[part]
     return value
 
@@ -57,25 +58,16 @@ def describe_knob(dotted: str, value) -> str:
 def key_knobs(config: dict) -> list[tuple[str, str, str]]:
     """(label, dotted key, text) for the knobs that apply to the run's stage and are present."""
     stage = config.get("training", {}).get("stage", "stage2_ab")
+    dumps_on = lookup(config, "monitor_dump.enabled", True)
     out = []
     for label, dotted, stages in KNOBS:
-        if stage not in stages:
+        value = lookup(config, dotted)
+        if stage not in stages or value is ABSENT:
             continue
-        try:
-            value = lookup(config, dotted)
-        except KeyError:
-            continue
-        if dotted == "monitor_dump.max_samples" and not lookup_or(config, "monitor_dump.enabled"):
+        if dotted == "monitor_dump.max_samples" and not dumps_on:
             value = 0
         out.append((label, dotted, describe_knob(dotted, value)))
     return out
-
-
-def lookup_or(config: dict, dotted: str, default=True):
-    try:
-        return lookup(config, dotted)
-    except KeyError:
-        return default
 
 
 def provenance(metadata: dict) -> list[tuple[str, str]]:
