@@ -66,8 +66,7 @@ class DescMapper:
             self.cache[d] = self.normalized.get(normalize_desc(d), -1)
         still = [d for d in unknown if self.cache[d] < 0]
         if still and self.semantic and self.categories:
-            for d, i in zip(still, self._nearest(still), strict=True):
-                self.cache[d] = i
+            self.cache.update(zip(still, self._nearest(still), strict=True))
         return [self.cache[d] for d in descs]
 
     def _nearest(self, descs: list[str]) -> list[int]:
@@ -158,9 +157,7 @@ def _annotations(dets: Sequence[Detections]) -> list[dict]:
         for box, label, score in zip(boxes, d.labels[keep].tolist(), scores, strict=True):
             ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": label + 1, "bbox": box,
                    "area": box[2] * box[3], "iscrowd": 0}
-            if score is not None:
-                ann["score"] = score
-            anns.append(ann)
+            anns.append(ann if score is None else ann | {"score": score})
     return anns
 
 

@@ -189,7 +189,6 @@ def _counters(preds: list[Prediction | None], dets: list[Detections], mapper: De
     present = [p for p in preds if p is not None]
     counters = {k: sum(p.parse[k] for p in present) for k in PARSE_COUNTERS}
     images = len(preds)
-    labels = [d.labels for d in dets]
     pred_descs = {d for p in present for d in p.descs}
     known = set(categories)
     counters |= {
@@ -200,7 +199,7 @@ def _counters(preds: list[Prediction | None], dets: list[Detections], mapper: De
         "coco_counter_empty_pred": sum(len(d.boxes) == 0 for d in dets),
         "coco_counter_degenerate": int(sum((d.boxes[:, 2:] <= d.boxes[:, :2]).any(1).sum()
                                            for d in dets)),
-        "coco_counter_unknown_dropped": int(sum((lab < 0).sum() for lab in labels)),
+        "coco_counter_unknown_dropped": int(sum((d.labels < 0).sum() for d in dets)),
         "coco_counter_semantic_mapped": sum(1 for p in present for d in p.descs
                                             if d not in known and mapper.cache[d] >= 0),
         "unknown_descs": sorted(d for d in pred_descs if mapper.cache[d] < 0)[:50],
