@@ -35,7 +35,8 @@ from coordexp.data.collate import Collator
 from coordexp.data.packing import plan_packs
 from coordexp.data.records import DetObject, Record
 from coordexp.model.qwen_vl import build_processor
-from coordexp.model.tiny import TinySpec, build_tiny_tokenizer, tiny_config
+from coordexp.model.tiny import CHAT_TEMPLATE, TinySpec, build_tiny_tokenizer, tiny_config
+from coordexp.model.tokenizer import build_qwen_tokenizer
 from coordexp.train.stage1 import stage1_step
 
 # LM width / MLP ratio closer to a real Qwen-VL than the test models' (attention's share of the
@@ -120,9 +121,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--packing-length", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", choices=("qwen", "tiny"), default="tiny",
+                        help="tiny: the test tokenizer (about 10 tokens an object); qwen: the real "
+                        "152k Qwen vocabulary (about 24 tokens an object; its LM head then "
+                        "dominates a 2-layer model's cost)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tok = build_tiny_tokenizer()
+    tok = build_qwen_tokenizer(CHAT_TEMPLATE) if args.vocab == "qwen" else build_tiny_tokenizer()
     torch.manual_seed(0)
     model = T.AutoModelForImageTextToText.from_config(tiny_config(tok, SHAPE)).train()
     collator = Collator(build_processor("qwen2_5_vl", tok, None))
