@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,15 +29,17 @@ from statistics import NormalDist
 import torch
 import transformers as T
 from PIL import Image
+from tokenizers import AddedToken, Tokenizer, models
 
 from coordexp.codec import CoordCodec
 from coordexp.config import Config, TrainingConfig
 from coordexp.data.collate import Collator
 from coordexp.data.packing import plan_packs
 from coordexp.data.records import DetObject, Record
+from coordexp.data.render import render_record
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import CHAT_TEMPLATE, TinySpec, build_tiny_tokenizer, tiny_config
-from coordexp.model.tokenizer import build_qwen_tokenizer
+from coordexp.model.tokenizer import QWEN_SPECIALS, add_coord_tokens, build_qwen_tokenizer
 from coordexp.train.stage1 import stage1_step
 
 # LM width / MLP ratio closer to a real Qwen-VL than the test models' (attention's share of the
@@ -73,6 +76,59 @@ def coco_like_records(n: int, root: Path, seed: int) -> list[Record]:
             objects.append(DetObject(rng.choice(CLASSES), box))
         records.append(Record(f"{i}.png", w, h, tuple(objects), root))
     return records
+
+
+def bpe_merges(word: str, rank: dict[str, int]) -> list[tuple[str, str]]:
+    """The merges byte-level BPE applies to one pre-token, in order: always the adjacent pair
+    whose concatenation has the lowest rank (tiktoken's rule, which the Qwen vocabulary uses)."""
+    parts, applied = list(word), []
+    while len(parts) > 1:
+        best, i = min((rank.get(a + b, math.inf), i) for i, (a, b) in
+                      enumerate(zip(parts, parts[1:], strict=False)))
+        if best == math.inf:
+            break
+        applied.append((parts[i], parts[i + 1]))
+        parts[i: i + 2] = [parts[i] + parts[i + 1]]
+    return applied
+
+
+def qwen_cut_tokenizer(full, texts: list[str]):
+    """The real Qwen vocabulary `full` cut down to the merges `texts` use: it splits these texts
+    into exactly the real tokens (a merge it lacks is one BPE never applied to them), with a
+    vocabulary of a few hundred, so a small model's LM head costs what a small head costs."""
+    rank, backend = full.get_vocab(), full.backend_tokenizer
+    words = {w for t in texts for w, _ in backend.pre_tokenizer.pre_tokenize_str(
+        backend.normalizer.normalize_str(t))}
+    merges = sorted({m for w in words for m in bpe_merges(w, rank)},
+                    key=lambda m: rank[m[0] + m[1]])
+    alphabet = [w for w in rank if len(w) == 1]  # the 256 byte symbols
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(alphabet + [a + b for a, b in merges]))}
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = \
+        backend.normalizer, backend.pre_tokenizer, backend.decoder
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    cut = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                    pad_token="<|endoftext|>", padding_side="right")
+    cut.chat_template = CHAT_TEMPLATE
+    add_coord_tokens(cut)
+    return cut
+
+
+def tokenizer_for(vocab: str, records: list[Record]):
+    """tiny: the test tokenizer; qwen: the real 151k Qwen vocabulary; qwen-cut: the real Qwen
+    tokens of these samples (checked sample by sample) from a vocabulary of a few hundred."""
+    if vocab == "tiny":
+        return build_tiny_tokenizer()
+    full = build_qwen_tokenizer(CHAT_TEMPLATE)
+    if vocab == "qwen":
+        return full
+    prompt = Collator(build_processor("qwen2_5_vl", full, None)).prompt_text()
+    text = "".join(render_record(r, CoordCodec()) for r in records) + prompt
+    cut = qwen_cut_tokenizer(full, re.split(r"<\|[a-z_0-9]+\|>", text))  # added tokens cut out
+    lengths = [[Collator(build_processor("qwen2_5_vl", t, None)).sample_length(r)
+                for r in records] for t in (cut, full)]
+    assert lengths[0] == lengths[1], "the cut vocabulary splits these samples otherwise"
+    return cut
 
 
 def padded_batches(n: int, batch: int, seed: int) -> list[list[int]]:
@@ -121,19 +177,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--packing-length", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vocab", choices=("qwen", "tiny"), default="tiny",
-                        help="tiny: the test tokenizer (about 10 tokens an object); qwen: the real "
-                        "152k Qwen vocabulary (about 24 tokens an object; its LM head then "
-                        "dominates a 2-layer model's cost)")
+    parser.add_argument("--vocab", choices=("qwen-cut", "tiny", "qwen"), default="qwen-cut",
+                        help="how answers are tokenized: qwen-cut (default) the real Qwen tokens "
+                        "(about 24 an object) from a vocabulary cut to what the samples use; tiny "
+                        "the test tokenizer (about 10 an object: it merges JSON punctuation); "
+                        "qwen the real 152k vocabulary (its LM head then dominates the cost)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tok = build_qwen_tokenizer(CHAT_TEMPLATE) if args.vocab == "qwen" else build_tiny_tokenizer()
-    torch.manual_seed(0)
-    model = T.AutoModelForImageTextToText.from_config(tiny_config(tok, SHAPE)).train()
-    collator = Collator(build_processor("qwen2_5_vl", tok, None))
-    coord_ids = torch.tensor(CoordCodec().token_ids(tok))
     with tempfile.TemporaryDirectory() as tmp:
         records = coco_like_records(args.samples, Path(tmp), seed=0)
+        tok = tokenizer_for(args.vocab, records)
+        torch.manual_seed(0)
+        model = T.AutoModelForImageTextToText.from_config(tiny_config(tok, SHAPE)).train()
+        collator = Collator(build_processor("qwen2_5_vl", tok, None))
+        coord_ids = torch.tensor(CoordCodec().token_ids(tok))
         lengths = [collator.sample_length(r) for r in records]
         counts = sorted(len(r.objects) for r in records)
         print(f"{len(records)} samples: objects median {counts[len(counts) // 2]}, max "
