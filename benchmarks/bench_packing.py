@@ -2,8 +2,8 @@
 
 Samples: object counts at evenly spaced quantiles of a log-normal fit of COCO train (median 4,
 mean about 6.5, a long tail capped at 60), images of 392-560 px a side (196-400 image tokens on
-Qwen2.5-VL), random boxes with COCO class names. The same samples go through both modes in one
-run on this machine:
+Qwen2.5-VL), random boxes with COCO class names, answers tokenized as the real Qwen tokenizer
+does (--vocab, below). The same samples go through both modes in one run on this machine:
 - padded: batches of --batch samples in a seeded random order (as training.packing=none);
 - packed: the static pack plan's rows of up to --packing-length tokens, one row per step
   (as training.packing=static).
@@ -13,6 +13,7 @@ machine may be shared: CPU time is what the work itself cost), and the padding s
 token slots computed. Packed rows run sdpa per sample (model/packed_attention.py).
 
     python benchmarks/bench_packing.py [--samples 96] [--batch 8] [--packing-length 2048]
+                                       [--vocab qwen-cut|tiny|qwen]
 """
 
 from __future__ import annotations
