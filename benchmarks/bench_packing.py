@@ -180,8 +180,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vocab", choices=("qwen-cut", "tiny", "qwen"), default="qwen-cut",
                         help="how answers are tokenized: qwen-cut (default) the real Qwen tokens "
-                        "(about 24 an object) from a vocabulary cut to what the samples use; tiny "
-                        "the test tokenizer (about 10 an object: it merges JSON punctuation); "
+                        "(25-27 an object) from a vocabulary cut to what the samples use; tiny "
+                        "the test tokenizer (about 15 an object: it merges JSON punctuation); "
                         "qwen the real 152k vocabulary (its LM head then dominates the cost)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
