@@ -30,7 +30,7 @@ from statistics import NormalDist
 import torch
 import transformers as T
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, models
+from tokenizers import Tokenizer, models
 
 from coordexp.codec import CoordCodec
 from coordexp.config import Config, TrainingConfig
@@ -40,7 +40,7 @@ from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_record
 from coordexp.model.qwen_vl import build_processor
 from coordexp.model.tiny import CHAT_TEMPLATE, TinySpec, build_tiny_tokenizer, tiny_config
-from coordexp.model.tokenizer import QWEN_SPECIALS, add_coord_tokens, build_qwen_tokenizer
+from coordexp.model.tokenizer import as_hf_tokenizer, build_qwen_tokenizer
 from coordexp.train.stage1 import stage1_step
 
 # LM width / MLP ratio closer to a real Qwen-VL than the test models' (attention's share of the
@@ -107,12 +107,7 @@ def qwen_cut_tokenizer(full, texts: list[str]):
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = \
         backend.normalizer, backend.pre_tokenizer, backend.decoder
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    cut = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                    pad_token="<|endoftext|>", padding_side="right")
-    cut.chat_template = CHAT_TEMPLATE
-    add_coord_tokens(cut)
-    return cut
+    return as_hf_tokenizer(tok, CHAT_TEMPLATE)
 
 
 def tokenizer_for(vocab: str, records: list[Record]):

