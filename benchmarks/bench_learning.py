@@ -11,6 +11,10 @@ below 60 (or fewer images) the numbers are a smoke run, not a result.
 
     python benchmarks/bench_learning.py [--minutes 60] [--seeds 1,2] [--out runs/bench_learning]
     python benchmarks/bench_learning.py --minutes 1 --train 400 --val 16 --out /tmp/bl  # smoke
+
+Seeds can run as separate processes side by side (one core each: OMP_NUM_THREADS=1, the same
+--step-seconds so they share one plan); a seed whose rows.json exists is read, not rerun, so a
+last call with every seed prints the joint table.
 """
 
 from __future__ import annotations
@@ -34,16 +38,20 @@ READINGS = 4  # evals at 1/4, 2/4, 3/4 and 4/4 of the budget
 TARGET_AP50 = 0.5
 
 
-def plan_steps(data: list[str], minutes: float) -> tuple[float, int]:
-    """(seconds per step measured here, steps between readings): one plan for every seed, so
-    seeds differ in their randomness only, not in how busy the machine was when each began."""
-    per_step = measure_step_seconds(load_config(RECIPE / "stage1.yaml", data))
+def plan_steps(data: list[str], minutes: float, per_step: float | None) -> tuple[float, int]:
+    """(seconds per step, measured here unless given; steps between readings): one plan for
+    every seed, so seeds differ in their randomness only, not in how busy the machine was."""
+    per_step = per_step or measure_step_seconds(load_config(RECIPE / "stage1.yaml", data))
     return per_step, max(1, int(60 * minutes / per_step) // READINGS)
 
 
 def run_seed(out: Path, data: list[str], seed: int, minutes: float, per_step: float,
              every: int) -> list[dict]:
-    """One Stage-1 run of READINGS * every steps; its eval rows, each with its nominal minute."""
+    """One Stage-1 run of READINGS * every steps; its eval rows, each with its nominal minute.
+    A seed that already finished (its rows.json exists) is read back, not rerun."""
+    done = out / f"seed{seed}" / "rows.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     cfg = load_config(RECIPE / "stage1.yaml", data + [
         f"training.seed={seed}", "rollout.max_new_tokens=128",
         f"training.output_dir={json.dumps(str(out))}", f"training.run_name=seed{seed}",
@@ -53,10 +61,12 @@ def run_seed(out: Path, data: list[str], seed: int, minutes: float, per_step: fl
     rows = [json.loads(x) for x in (run_dir / "logging.jsonl").read_text().splitlines()]
     # a reading k is the eval at step k * every; a run the time cap stopped early ends with an
     # extra eval, which is shown in the per-seed table but counts for no reading
-    return [{"seed": seed, "minutes": r["step"] * per_step / 60, "step": r["step"],
+    evals = [{"seed": seed, "minutes": r["step"] * per_step / 60, "step": r["step"],
              "reading": r["step"] // every if r["step"] % every == 0 else None,
              "AP50": r["rollout/AP50"], "mAP": r["rollout/mAP"], "F1": r["rollout/f1"]}
             for r in rows if r["kind"] == "eval"]
+    done.write_text(json.dumps(evals))
+    return evals
 
 
 def spread(values: list[float]) -> str:
@@ -73,13 +83,16 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_learning")
     p.add_argument("--train", type=int, default=N_TRAIN, help="train images (smoke runs: fewer)")
     p.add_argument("--val", type=int, default=N_VAL, help="held-out images")
+    p.add_argument("--step-seconds", type=float, default=None,
+                   help="seconds per step to plan with instead of measuring (seeds run as "
+                        "separate processes share one plan this way)")
     args = p.parse_args()
     out = Path(args.out)
     if not (out / "data" / "val_coco.json").is_file():
         synthesize(out / "data", args.train, args.val, seed=0, spec=TASK)
     data = [f"data.train={json.dumps(str(out / 'data' / 'train.jsonl'))}",
             f"data.val={json.dumps(str(out / 'data' / 'val.jsonl'))}"]
-    per_step, every = plan_steps(data, args.minutes)
+    per_step, every = plan_steps(data, args.minutes, args.step_seconds)
     print(f"[bench] {per_step:.3f} s/step measured here -> {READINGS * every} steps per seed, "
           f"eval every {every}")
     rows = [r for seed in map(int, args.seeds.split(","))
