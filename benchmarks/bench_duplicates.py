@@ -12,9 +12,9 @@ Protocol (CPU, about 60 minutes with the defaults; not part of CI):
 Target: dup_share < 0.5 % in the weighted arm with recall at most 0.01 below the weight-0 arm.
 
 Every rollout (evaluation and Channel B) decodes under the CoordJSON grammar
-(`rollout.constrained: true`): free greedy decoding of a tiny Stage-1 model on this task writes
-coord runs without separators, so nothing parses and no duplicate can be seen (benchmarks/README.md).
---free-decoding turns the grammar off.
+(`rollout.constrained: true`): free greedy decoding of a tiny Stage-1 model on this task
+writes coord runs without separators, so nothing parses and no duplicate can be seen
+(benchmarks/README.md). --free-decoding turns the grammar off.
 
     python benchmarks/bench_duplicates.py [--out DIR] [--seeds 3] [--stage1-minutes 30]
         [--stage2-minutes 4] [--weight 1.0]
