@@ -13,6 +13,7 @@ from coordexp.config import TrainingConfig, load_config
 from coordexp.train.loop import (
     NonFiniteLoss,
     TrainState,
+    _clock_stop_note,
     _expected_last_step,
     run_micro_steps,
     train,
@@ -138,6 +139,20 @@ def test_yaml_extends_and_float_strings(tmp_path):
     assert cfg.gradient_accumulation_steps(world_size=2) == 2  # 8 = 2 x 2 ranks x 2
     assert cfg.gradient_accumulation_steps(world_size=1) == 4
 
+
+
+def test_a_clock_stop_early_in_the_schedule_says_so():
+    """max_minutes stopping a run inside its warmup (or early in its decay) is named; a run
+    that reached max_steps, a late stop, or a constant rate say nothing."""
+    t = TrainingConfig(max_steps=1_000_000, warmup_ratio=0.02, max_minutes=12.0)
+    note = _clock_stop_note(t, 3934)
+    assert "step 3934, inside its 20000-step warmup" in note
+    decay = TrainingConfig(max_steps=1000, warmup_ratio=0.0, min_lr_ratio=0.0)
+    assert "step 501 of max_steps 1000, 50% of the way" in _clock_stop_note(decay, 501)
+    assert _clock_stop_note(decay, 1000) is None
+    assert _clock_stop_note(decay, 950) is None
+    constant = TrainingConfig(max_steps=100_000, warmup_ratio=0.0, min_lr_ratio=1.0)
+    assert _clock_stop_note(constant, 600) is None
 
 
 def test_time_budget_sets_the_expected_last_step():

@@ -55,7 +55,9 @@ class TrainingConfig:
     run_name: str = "run"
     seed: int = 17
     max_steps: int = 100  # optimizer steps
-    max_minutes: float = 0.0  # stop (and evaluate) after this much training time; 0 = off
+    # stop (and evaluate) after this much training time; 0 = off. The learning-rate schedule
+    # still spans max_steps: a stop inside the warmup or early in the decay prints a note
+    max_minutes: float = 0.0
     effective_batch_size: int = 8  # samples per optimizer step, over all ranks
     per_device_batch_size: int = 8
     learning_rate: float = 1e-3

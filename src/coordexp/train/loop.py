@@ -51,7 +51,13 @@ from coordexp.train.engine import (
     inner,
     wrap,
 )
-from coordexp.train.setup import build_model, build_optimizer, build_scheduler, build_step_fn
+from coordexp.train.setup import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_step_fn,
+    warmup_steps,
+)
 from coordexp.train.terms import add_stats, ignored_keys_notes
 
 
@@ -189,6 +195,9 @@ def train(cfg: Config, *, resume: str = "") -> Path:
             save_checkpoint(run_dir, state, model, processor, optimizer, scheduler, order,
                             keep=t.save_total_limit, main=main)
         if last:
+            note = _clock_stop_note(t, state.step)
+            if note and main:
+                print(note, file=sys.stderr)
             break
     bar.close()
     log.close()
@@ -206,6 +215,23 @@ def _expected_last_step(t: TrainingConfig, state: TrainState) -> int:
     per_step = state.train_seconds / state.step
     left = max(0.0, 60 * t.max_minutes - state.train_seconds)
     return min(t.max_steps, state.step + math.ceil(left / per_step))
+
+
+def _clock_stop_note(t: TrainingConfig, step: int) -> str | None:
+    """A run the clock stopped early in its schedule learned less than its config suggests:
+    the schedule spans max_steps, not the minutes (plan max_steps to fit the minutes)."""
+    warmup = warmup_steps(t)
+    if step >= t.max_steps:
+        return None
+    if t.warmup_ratio > 0 and step < warmup:
+        return (f"note: training.max_minutes stopped the run at step {step}, inside its "
+                f"{warmup}-step warmup (warmup_ratio x max_steps {t.max_steps}): the learning "
+                "rate never reached training.learning_rate; set max_steps to what fits")
+    decayed = (step - warmup) / max(1, t.max_steps - warmup)
+    if t.min_lr_ratio < 1 and decayed < 0.9:
+        return (f"note: training.max_minutes stopped the run at step {step} of max_steps "
+                f"{t.max_steps}, {decayed:.0%} of the way through its learning-rate decay")
+    return None
 
 
 def _agree(flag: bool, world: int) -> bool:

@@ -62,9 +62,13 @@ def build_optimizer(model, t: TrainingConfig) -> torch.optim.Optimizer:
                              betas=(0.9, 0.98))
 
 
+def warmup_steps(t: TrainingConfig) -> int:
+    return max(1, round(t.warmup_ratio * t.max_steps))
+
+
 def build_scheduler(optimizer, t: TrainingConfig):
     """Linear warmup, then cosine decay to min_lr_ratio x the base rate."""
-    warmup = max(1, round(t.warmup_ratio * t.max_steps))
+    warmup = warmup_steps(t)
 
     def factor(step: int) -> float:
         if step < warmup:
