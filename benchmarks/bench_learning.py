@@ -93,7 +93,8 @@ def main() -> None:
     data = [f"data.train={json.dumps(str(out / 'data' / 'train.jsonl'))}",
             f"data.val={json.dumps(str(out / 'data' / 'val.jsonl'))}"]
     per_step, every = plan_steps(data, args.minutes, args.step_seconds)
-    print(f"[bench] {per_step:.3f} s/step measured here -> {READINGS * every} steps per seed, "
+    source = "given" if args.step_seconds else "measured here"
+    print(f"[bench] {per_step:.3f} s/step {source} -> {READINGS * every} steps per seed, "
           f"eval every {every}")
     rows = [r for seed in map(int, args.seeds.split(","))
             for r in run_seed(out, data, seed, args.minutes, per_step, every)]
