@@ -56,6 +56,7 @@ from coordexp.train.setup import (
     build_optimizer,
     build_scheduler,
     build_step_fn,
+    decay_progress,
     warmup_steps,
 )
 from coordexp.train.terms import add_stats, ignored_keys_notes
@@ -220,14 +221,14 @@ def _expected_last_step(t: TrainingConfig, state: TrainState) -> int:
 def _clock_stop_note(t: TrainingConfig, step: int) -> str | None:
     """A run the clock stopped early in its schedule learned less than its config suggests:
     the schedule spans max_steps, not the minutes (plan max_steps to fit the minutes)."""
-    warmup = warmup_steps(t)
     if step >= t.max_steps:
         return None
+    warmup = warmup_steps(t)
     if t.warmup_ratio > 0 and step < warmup:
         return (f"note: training.max_minutes stopped the run at step {step}, inside its "
                 f"{warmup}-step warmup (warmup_ratio x max_steps {t.max_steps}): the learning "
                 "rate never reached training.learning_rate; set max_steps to what fits")
-    decayed = (step - warmup) / max(1, t.max_steps - warmup)
+    decayed = decay_progress(t, step)
     if t.min_lr_ratio < 1 and decayed < 0.9:
         return (f"note: training.max_minutes stopped the run at step {step} of max_steps "
                 f"{t.max_steps}, {decayed:.0%} of the way through its learning-rate decay")

@@ -66,6 +66,12 @@ def warmup_steps(t: TrainingConfig) -> int:
     return max(1, round(t.warmup_ratio * t.max_steps))
 
 
+def decay_progress(t: TrainingConfig, step: int) -> float:
+    """The share of the cosine decay done at `step` (0 until the warmup ends, 1 at max_steps)."""
+    warmup = warmup_steps(t)
+    return min(1.0, max(0.0, (step - warmup) / max(1, t.max_steps - warmup)))
+
+
 def build_scheduler(optimizer, t: TrainingConfig):
     """Linear warmup, then cosine decay to min_lr_ratio x the base rate."""
     warmup = warmup_steps(t)
@@ -73,7 +79,7 @@ def build_scheduler(optimizer, t: TrainingConfig):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+        progress = decay_progress(t, step)
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
