@@ -163,3 +163,18 @@ def test_time_budget_sets_the_expected_last_step():
     assert _expected_last_step(TrainingConfig(max_steps=1000, max_minutes=1.0), state) == 30
     assert _expected_last_step(TrainingConfig(max_steps=25, max_minutes=1.0), state) == 25
     assert _expected_last_step(TrainingConfig(max_steps=1000, max_minutes=0.1), state) == 10
+
+
+def test_clipping_uses_the_float64_norm_and_scales_to_max_norm():
+    """A float32 norm over many gradients is off by ~1e-5 relative (and differs when summed
+    shard by shard), which moved FSDP runs away from one process; the float64 one is exact."""
+    from coordexp.train.engine import clip_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2000, 1000), torch.nn.Linear(1000, 3))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * torch.rand_like(p) ** 4
+    want = float(torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm())
+    assert clip_gradients(model, 1.0) == pytest.approx(want, rel=1e-13)
+    clipped = torch.cat([p.grad.double().flatten() for p in model.parameters()]).norm()
+    assert float(clipped) == pytest.approx(1.0, rel=1e-6)
