@@ -91,10 +91,15 @@ def _random_object(rng: random.Random, spec: SynthSpec) -> tuple[str, tuple[int,
 
 
 def _crowded_shelf(rng: random.Random, spec: SynthSpec, n: int) -> list[tuple[str, tuple]]:
-    """n small same-class objects side by side: one horizontal band, or a grid of up to
-    spec.shelf_rows bands (books on a shelf)."""
+    """Up to n small same-class objects side by side: one horizontal band, or a grid of up to
+    spec.shelf_rows bands (books on a shelf). A band holds at most (size - 8) // 6 objects
+    (4 px wide, 2 px apart): more rows are drawn if allowed, and what still does not fit is
+    left off (the caller draws it as free objects)."""
     s, gap = spec.image_size, 2
+    fit = (s - 8) // (4 + gap)  # objects a band can hold
     rows = rng.randint(1, min(spec.shelf_rows, n // 2)) if spec.shelf_rows > 1 else 1
+    rows = max(rows, min(spec.shelf_rows, -(-n // fit)))
+    n = min(n, rows * fit)
     cols = -(-n // rows)
     w = max(4, min((s - 8) // cols - gap, round(s * spec.min_size_frac)))
     h = min(max(4, round(w * rng.uniform(1.2, 2.0))), (s - 4) // rows - gap)
@@ -112,9 +117,8 @@ def make_scene(seed: int, spec: SynthSpec) -> tuple[Image.Image, list[DetObject]
     n = rng.randint(spec.min_objects, spec.max_objects)
     objects = []
     if n >= 4 and rng.random() < spec.crowded_share:
-        k = rng.randint(4, n)
-        objects += _crowded_shelf(rng, spec, k)
-        n -= k
+        objects += _crowded_shelf(rng, spec, rng.randint(4, n))
+        n -= len(objects)
     objects += [_random_object(rng, spec) for _ in range(n)]
     image = Image.new("RGB", (spec.image_size, spec.image_size), spec.background)
     draw = ImageDraw.Draw(image)
