@@ -17,6 +17,7 @@ from scipy.stats import bootstrap
 
 from coordexp.config import load_config, read_yaml
 from coordexp.errors import UserError
+from coordexp.files import write_text_atomic
 
 # (table label, logged eval key); near_dup is computed from the final monitor dump
 METRICS = (("AP50", "rollout/AP50"), ("mAP", "rollout/mAP"), ("F1", "rollout/f1"),
@@ -166,7 +167,7 @@ def start_checkpoint(spec: StudySpec, data: list[str]) -> Path:
                                                  quoted("training.output_dir", spec.output_dir),
                                                  "training.run_name=start"])
         done = {"checkpoint": str(latest_checkpoint(train(cfg)).resolve())}
-        (run_dir / "result.json").write_text(json.dumps(done))
+        write_text_atomic(run_dir / "result.json", json.dumps(done))
     return Path(done["checkpoint"])
 
 
@@ -228,7 +229,7 @@ def pin_spec(spec_path: Path, spec: StudySpec) -> None:
         raise UserError(f"{spec.output_dir} holds a study with another spec ({pinned}); "
                         "pass another output_dir")
     spec.output_dir.mkdir(parents=True, exist_ok=True)
-    pinned.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    write_text_atomic(pinned, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def run_study(spec_path: str | Path, output_dir: str = "") -> list[dict]:
@@ -253,7 +254,7 @@ def run_study(spec_path: str | Path, output_dir: str = "") -> list[dict]:
                 print(f"[study] arm {arm.name}, seed {seed}, from {start}")
                 run_dir = train(arm_config(spec, arm, seed, start, data, n_val))
                 result = arm_result(run_dir, arm.name, seed)
-                (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+                write_text_atomic(run_dir / "result.json", json.dumps(result, indent=1))
             results.append(result)
     return results
 
@@ -325,8 +326,8 @@ def study_command(spec_path: str, output_dir: str = "") -> int:
     rows = summarize(results, arms, spec.control)
     table = format_study_table(rows, results, arms, spec.control)
     out = spec.output_dir
-    (out / "study_table.md").write_text(table + "\n", encoding="utf-8")
-    (out / "study.json").write_text(json.dumps({"results": results, "table": rows}, indent=1))
+    write_text_atomic(out / "study_table.md", table + "\n")
+    write_text_atomic(out / "study.json", json.dumps({"results": results, "table": rows}, indent=1))
     first = [str(out / arm / f"seed{spec.seeds[0]}") for arm in arms]
     report_command(None, out=str(out / "compare"), compare=first, window=10, corr=[])
     print(f"\n{table}\n\nnear_dup: near-duplicate pairs (same desc, IoU >= {NEAR_DUP_IOU}) per "
