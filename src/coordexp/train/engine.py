@@ -83,6 +83,8 @@ def clip_gradients(engine: nn.Module, max_norm: float) -> float:
     relative, and by a different amount when summed shard by shard, which scales every
     gradient of a sharded run differently from the one-process run's."""
     params = [p for p in engine.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params]
     norm = torch.linalg.vector_norm(torch.stack(norms))
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
