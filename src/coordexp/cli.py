@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=tuple(PRESETS), default="shapes",
                    help="shapes: 1-12 shapes of 6 colours x 4 kinds, 224 px, 15%% crowded; "
                         "crowded: 112 px, 80%% of images hold a shelf of 4-12 same-colour "
-                        "squares in 1-3 rows (the flags below override the preset)")
+                        "squares in 1-3 rows; dense: 112 px, 12-30 squares, every image a "
+                        "shelf of up to 4 rows (the flags below override the preset)")
     s.add_argument("--image-size", type=int, help="square image side in pixels")
     s.add_argument("--min-objects", type=int)
     s.add_argument("--max-objects", type=int)

@@ -61,7 +61,12 @@ class SynthSpec:
 CROWDED = SynthSpec(image_size=112, min_objects=6, max_objects=12,
                     colours=("red", "green", "blue", "yellow"), shapes=("square",),
                     min_size_frac=0.15, max_size_frac=0.35, crowded_share=0.8, shelf_rows=3)
-PRESETS = {"shapes": SynthSpec(), "crowded": CROWDED}
+# The dense task (`--preset dense`): every image a shelf of up to 4 rows, 12-30 objects of 6-20 %
+# of the side; a tiny model early in Stage 1 repeats boxes on it (benchmarks/README.md).
+DENSE = SynthSpec(image_size=112, min_objects=12, max_objects=30,
+                  colours=("red", "green", "blue", "yellow"), shapes=("square",),
+                  min_size_frac=0.06, max_size_frac=0.2, crowded_share=1.0, shelf_rows=4)
+PRESETS = {"shapes": SynthSpec(), "crowded": CROWDED, "dense": DENSE}
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
