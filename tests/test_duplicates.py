@@ -14,7 +14,7 @@ from coordexp.config import Config, RolloutConfig, Stage2ABConfig
 from coordexp.data.collate import COORD, STRUCT, Collator
 from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_object
-from coordexp.data.synthetic import CROWDED, SynthSpec, make_scene
+from coordexp.data.synthetic import CROWDED, DENSE, make_scene
 from coordexp.diagnostics import finalize_stats
 from coordexp.eval import EvalOptions, evaluate_predictions
 from coordexp.eval.duplicates import (
@@ -336,8 +336,7 @@ def test_crowded_scenes_hold_shelves_of_one_class():
 def test_dense_shelves_stay_inside_the_image(rows):
     """A shelf wider than the image gets more rows, or leaves the rest as free objects: every
     box valid, the scene's object count as drawn."""
-    spec = SynthSpec(image_size=112, min_objects=30, max_objects=40, crowded_share=1.0,
-                     shelf_rows=rows, min_size_frac=0.06, max_size_frac=0.2)
+    spec = dataclasses.replace(DENSE, min_objects=30, max_objects=40, shelf_rows=rows)
     for seed in range(30):
         _, objects = make_scene(seed, spec)
         assert 30 <= len(objects) <= 40
