@@ -137,22 +137,12 @@ def bbox_smoothl1(pred_norm: Tensor, gt_norm: Tensor) -> Tensor:
     return F.smooth_l1_loss(pred_norm.to(dtype), gt_norm.to(dtype), beta=1.0)
 
 
-def unflipped_boxes(boxes: Tensor) -> Tensor:
-    """A flipped side becomes zero-length at its first corner, [x1, y1, max(x1, x2), max(y1, y2)],
-    clamped to [0, 1]: [..., 4] -> [..., 4]. Canonicalising (min / max per axis) instead would
-    score a flipped prediction as its mirror image, whose CIoU gradient pushes it further over
-    (the exact mirror of the GT scores a perfect 0); here the flipped corner gets no CIoU
-    gradient and SmoothL1 and the coord terms bring it back."""
-    first = boxes[..., :2]
-    return torch.cat([first, torch.maximum(boxes[..., 2:], first)], dim=-1).clamp(0.0, 1.0)
-
-
 def bbox_ciou(pred_norm: Tensor, gt_norm: Tensor) -> Tensor:
-    """Mean of 1 - CIoU over matched boxes: [N, 4], [N, 4]. Predictions pass `unflipped_boxes`
-    (finite for degenerate and flipped ones, no mirrored minimum); GT boxes are canonicalised."""
+    """Mean of 1 - CIoU over matched boxes, both canonicalised (min/max per axis, clamped to
+    [0, 1]) so degenerate or flipped predictions give a finite loss: [N, 4], [N, 4]."""
     if pred_norm.shape[0] == 0:
         return _zero(pred_norm)
     dtype = compute_dtype(pred_norm)
-    pred = unflipped_boxes(pred_norm.to(dtype))
+    pred = canonicalize_boxes(pred_norm.to(dtype))
     gt = canonicalize_boxes(gt_norm.to(dtype))
     return (1 - paired_complete_box_iou(pred, gt)).mean()
