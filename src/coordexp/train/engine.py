@@ -88,7 +88,8 @@ def clip_gradients(engine: nn.Module, max_norm: float) -> float:
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params]
     norm = torch.linalg.vector_norm(torch.stack(norms))
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    # the clip factor in float32, the gradients' dtype: the float64 sum is what makes runs agree
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.float())
     return float(norm)
 
 
