@@ -342,7 +342,7 @@ def test_dense_shelves_stay_inside_the_image(rows):
         assert 30 <= len(objects) <= 40
         for o in objects:
             x1, y1, x2, y2 = o.box_px
-            assert 0 <= x1 < x2 < 112 and 0 <= y1 < y2 < 112, (seed, o)
+            assert 0 <= x1 < x2 < spec.image_size and 0 <= y1 < y2 < spec.image_size, (seed, o)
 
 
 def test_chunked_lse_without_a_token_matches_the_full_logits():

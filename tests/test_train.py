@@ -10,6 +10,7 @@ import torch
 
 from coordexp.cli import main
 from coordexp.config import TrainingConfig, load_config
+from coordexp.train.engine import clip_gradients
 from coordexp.train.loop import (
     NonFiniteLoss,
     TrainState,
@@ -168,8 +169,6 @@ def test_time_budget_sets_the_expected_last_step():
 def test_clipping_uses_the_float64_norm_and_scales_to_max_norm():
     """A float32 norm over many gradients is off by ~1e-5 relative (and differs when summed
     shard by shard), which moved FSDP runs away from one process; the float64 one is exact."""
-    from coordexp.train.engine import clip_gradients
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2000, 1000), torch.nn.Linear(1000, 3))
     for p in model.parameters():
