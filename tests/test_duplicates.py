@@ -3,6 +3,7 @@ rollouts, the unlikelihood term against a hand computation, weight 0 as the plai
 and the duplicate statistics and guarded view on hand-built predictions."""
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from coordexp.config import Config, RolloutConfig, Stage2ABConfig
 from coordexp.data.collate import COORD, STRUCT, Collator
 from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_object
-from coordexp.data.synthetic import CROWDED, DENSE, make_scene
+from coordexp.data.synthetic import CROWDED, DENSE, PRESETS, _crowded_shelf, make_scene
 from coordexp.diagnostics import finalize_stats
+from coordexp.errors import UserError
 from coordexp.eval import EvalOptions, evaluate_predictions
 from coordexp.eval.duplicates import (
     duplicate_clusters,
@@ -343,6 +345,31 @@ def test_dense_shelves_stay_inside_the_image(rows):
         for o in objects:
             x1, y1, x2, y2 = o.box_px
             assert 0 <= x1 < x2 < spec.image_size and 0 <= y1 < y2 < spec.image_size, (seed, o)
+
+
+def test_books_shelves_stand_on_one_line_with_ragged_tops():
+    """--preset books: the crowded preset's shelf with tops dropped, bottoms kept, so the
+    (y1, x1) answer order jumps along a row; every box stays valid."""
+    jumps, spec = 0, PRESETS["books"]
+    for seed in range(20):
+        books = _crowded_shelf(random.Random(seed), spec, 12)
+        even = _crowded_shelf(random.Random(seed), CROWDED, 12)
+        assert [(d, b[0], b[2], b[3]) for d, b in books] == [(d, b[0], b[2], b[3])
+                                                             for d, b in even]
+        assert all(e[1] <= b[1] < b[3] for (_, b), (_, e) in zip(books, even, strict=True))
+        rows: dict[int, list] = {}
+        for _, box in books:
+            rows.setdefault(box[3], []).append(box)
+        for row in rows.values():
+            order = [b[0] for b in sorted(row, key=lambda b: (b[1], b[0]))]
+            jumps += order != sorted(order)
+    assert jumps >= 15  # most rows are no longer listed left to right
+    for seed in range(20):
+        for o in make_scene(seed, spec)[1]:
+            x1, y1, x2, y2 = o.box_px
+            assert 0 <= x1 < x2 < spec.image_size and 0 <= y1 < y2 < spec.image_size
+    with pytest.raises(UserError, match="shelf_ragged"):
+        dataclasses.replace(spec, shelf_ragged=1.0).check()
 
 
 def test_chunked_lse_without_a_token_matches_the_full_logits():

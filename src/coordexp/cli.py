@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=tuple(PRESETS), default="shapes",
                    help="shapes: 1-12 shapes of 6 colours x 4 kinds, 224 px, 15%% crowded; "
                         "crowded: 112 px, 80%% of images hold a shelf of 4-12 same-colour "
-                        "squares in 1-3 rows; dense: 112 px, 12-30 squares, every image a "
-                        "shelf of up to 4 rows (the flags below override the preset)")
+                        "squares in 1-3 rows; books: crowded with ragged shelf tops (the "
+                        "answer order jumps along a row); dense: 112 px, 12-30 squares, every "
+                        "image a shelf of up to 4 rows (the flags below override the preset)")
     s.add_argument("--image-size", type=int, help="square image side in pixels")
     s.add_argument("--min-objects", type=int)
     s.add_argument("--max-objects", type=int)
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crowded", "--crowded-share", dest="crowded_share", type=float,
                    help="fraction of images with a crowded shelf of small same-class objects")
     s.add_argument("--shelf-rows", type=int, help="most rows of a shelf (1-4)")
+    s.add_argument("--shelf-ragged", type=float,
+                   help="shelf objects share a bottom line, tops up to this fraction of the "
+                        "height lower (0-1; 0 = even tops)")
     s.set_defaults(run=_cmd_synth)
 
     c = d.add_parser("coco", help="COCO instances JSON -> records JSONL")
@@ -261,7 +265,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
 
     given = {k: getattr(args, k) for k in ("image_size", "min_objects", "max_objects",
-                                           "crowded_share", "shelf_rows")}
+                                           "crowded_share", "shelf_rows", "shelf_ragged")}
     given |= {k: tuple(getattr(args, k).split(",")) for k in ("shapes", "colours")
               if getattr(args, k) is not None}
     spec = dataclasses.replace(PRESETS[args.preset],
