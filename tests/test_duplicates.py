@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from coordexp.codec import CoordCodec
-from coordexp.config import Config, RolloutConfig, Stage2ABConfig
+from coordexp.config import Config, RolloutConfig, Stage2ABConfig, load_config
 from coordexp.data.collate import COORD, STRUCT, Collator
 from coordexp.data.records import DetObject, Record
 from coordexp.data.render import render_object
@@ -72,8 +72,8 @@ def rollout_of(text: str, tokenizer) -> Rollout:
     return Rollout("".join(pieces), ids, [0.0] * len(ids), pieces, False)
 
 
-def config(weight: float) -> Config:
-    return Config(stage2_ab=Stage2ABConfig(duplicate_ul_weight=weight),
+def config(weight: float, span: str = "token") -> Config:
+    return Config(stage2_ab=Stage2ABConfig(duplicate_ul_weight=weight, duplicate_ul_span=span),
                   rollout=RolloutConfig(max_new_tokens=8, batch_size=2))
 
 
@@ -185,6 +185,49 @@ def test_weight_zero_keeps_the_prefix_as_generated(record, collator):
     assert target.counts["duplicates_removed"] == 0
 
 
+# -- duplicate_ul_span: box ----------------------------------------------------------------------
+D = obj("red circle", [100, 300, 200, 400])  # A's twin below it: a header like A's
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("twins")
+    Image.new("RGB", (1000, 1000), (30, 30, 30)).save(root / "img.png")
+    objects = tuple(DetObject("red circle", tuple(map(float, b)))
+                    for b in ([100, 100, 200, 200], [100, 300, 200, 400]))
+    return Record("img.png", 1000, 1000, objects, root)
+
+
+@pytest.mark.parametrize(("dup", "bin_said", "span"), [
+    # x1 101 against the clean 100: radius (1 - 0.9) x A's width 100 = 10 bins, 91..111, less
+    # the clean bin and what lies beyond it: 101..111
+    ([101, 100, 200, 201], 101, (101, 111)),
+    # the same x1 as D, so it departs at y1, 101 against the clean 300 (outside): 91..111
+    ([100, 101, 201, 200], 101, (91, 111)),
+])
+def test_box_span_covers_the_bins_that_keep_the_box_a_duplicate(dup, bin_said, span, twins,
+                                                                 collator):
+    tok = collator.tokenizer
+    rollout = rollout_of(f'{{"objects": [{A}, {obj("red circle", dup)}, {D}]}}', tok)
+    (plain,) = build_target(rollout, twins, collator, config(1.0)).unlikely
+    (box,) = build_target(rollout, twins, collator, config(1.0, "box")).unlikely
+    assert plain.span is None and plain.token == token_id(tok, CODEC.token(bin_said))
+    assert (box.position, box.token) == (plain.position, plain.token)
+    assert box.span == tuple(token_id(tok, CODEC.token(k)) for k in span)
+
+
+def test_box_span_leaves_a_header_divergence_one_token(record, collator):
+    rollout = rollout_of(f'{{"objects": [{A}, {A_DUP}, {C}, {B}]}}', collator.tokenizer)
+    (event,) = build_target(rollout, record, collator, config(1.0, "box")).unlikely
+    assert event.span is None and collator.tokenizer.decode([event.token]) == HEAD_A
+
+
+def test_unknown_duplicate_ul_span_is_refused():
+    with pytest.raises(UserError, match="duplicate_ul_span"):
+        load_config(None, ["model.init_tiny=qwen3_vl", "data.train=train.jsonl",
+                           "stage2_ab.duplicate_ul_span=bins"])
+
+
 # -- the unlikelihood term -------------------------------------------------------------------
 def test_unlikelihood_value_and_gradient_match_a_hand_computation():
     torch.manual_seed(0)
@@ -209,6 +252,22 @@ def test_unlikelihood_value_and_gradient_match_a_hand_computation():
     expected_grad[at.b, at.t - 1] = grad_rows
     torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-6, atol=1e-9)
     assert torch.isfinite(value)
+
+
+def test_unlikelihood_of_a_token_range_is_minus_log_one_minus_its_mass():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 3, 9, dtype=torch.float64, requires_grad=True)
+    at, spans = Rows(torch.tensor([0, 0]), torch.tensor([1, 2])), torch.tensor([[2, 5], [8, 8]])
+    head = LogitsHead(logits, torch.arange(9))
+    value = unlikelihood(head, at, spans, head.vocab_lse(at))
+    probs = torch.softmax(logits.detach()[0, :2], -1)  # [2, V]: the rows before each position
+    mass = torch.stack([probs[0, 2:6].sum(), probs[1, 8]])
+    torch.testing.assert_close(value.detach(), -torch.log1p(-mass).mean())
+    value.backward()  # dL/dz_v = (p_v [v in span] - mass p_v) / (1 - mass) / U
+    inside = torch.zeros(2, 9, dtype=torch.bool)
+    inside[0, 2:6], inside[1, 8] = True, True
+    want = (probs * inside - mass[:, None] * probs) / (1 - mass[:, None]) / 2
+    torch.testing.assert_close(logits.grad[0, :2], want)
 
 
 def test_unlikelihood_without_events_is_zero():
@@ -385,6 +444,28 @@ def test_chunked_lse_without_a_token_matches_the_full_logits():
     full = LogitsHead(hidden @ weight.T, torch.arange(3))
     want = full.vocab_lse_without(at, tokens)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    g1 = torch.autograd.grad(got.sum(), (hidden, weight))
+    g2 = torch.autograd.grad(want.sum(), (hidden, weight))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_lse_without_token_ranges_matches_slicing_them_out():
+    """Inclusive id ranges left out (inside a chunk, across chunks, a single id, the last ids):
+    the chunked sum and the full-logits head both equal the lse of the row with them cut."""
+    torch.manual_seed(3)
+    hidden = torch.randn(1, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+    at = Rows(torch.zeros(4, dtype=torch.long), torch.tensor([1, 2, 3, 4]))
+    spans = torch.tensor([[1, 3], [3, 12], [20, 20], [30, 36]])
+    got = vocab_logsumexp(HiddenHead(hidden, weight, torch.arange(3)).rows(at), weight,
+                          chunk_size=5, exclude=spans)
+    full = LogitsHead(hidden @ weight.T, torch.arange(3)).vocab_lse_without(at, spans)
+    z = (hidden @ weight.T)[0, :4]  # [4, 37]: the rows before each position
+    want = torch.stack([torch.cat([z[i, :lo], z[i, hi + 1:]]).logsumexp(-1)
+                        for i, (lo, hi) in enumerate(spans.tolist())])
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(full, want)
     g1 = torch.autograd.grad(got.sum(), (hidden, weight))
     g2 = torch.autograd.grad(want.sum(), (hidden, weight))
     for a, b in zip(g1, g2, strict=True):

@@ -129,9 +129,12 @@ class Stage2ABConfig:
     text_gate_weight: float = 0.0
     # Channel B clean prefix: an unmatched prediction with a matched prediction's desc and
     # IoU >= duplicate_iou with it, emitted after it, leaves the teacher-forced prefix and its
-    # first diverging token gets -log(1 - p); 0 = off (the prefix is kept as generated)
+    # first diverging token gets -log(1 - p); 0 = off (the prefix is kept as generated).
+    # duplicate_ul_span "box": where that token is a coord, p is the mass of every bin that
+    # keeps the box a near-duplicate along that coordinate, not of the one bin
     duplicate_iou: float = 0.9
     duplicate_ul_weight: float = 0.0
+    duplicate_ul_span: str = "token"
     channel_b: ChannelBConfig = field(default_factory=ChannelBConfig)
 
 
@@ -404,6 +407,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if not 0.0 < s.duplicate_iou <= 1.0 or s.duplicate_ul_weight < 0:
         raise UserError("'stage2_ab.duplicate_iou' must be in (0, 1] and "
                         "'stage2_ab.duplicate_ul_weight' >= 0")
+    if s.duplicate_ul_span not in ("token", "box"):
+        raise UserError(f"'stage2_ab.duplicate_ul_span' must be 'token' or 'box', got "
+                        f"{s.duplicate_ul_span!r}")
     if not set(t.report_to) <= set(REPORTERS) or len(set(t.report_to)) < len(t.report_to):
         raise UserError(f"'training.report_to' lists each of {', '.join(REPORTERS)} at most "
                         f"once, got {list(t.report_to)}")

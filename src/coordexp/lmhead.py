@@ -49,7 +49,7 @@ class _VocabLogSumExp(torch.autograd.Function):
 
     Backward recomputes each chunk's logits z = h W^T: with p = exp(z / tau - lse),
     d lse_n / d z_nv = p_nv / tau, so grad_h = (g p / tau) W and grad_W = (g p / tau)^T h.
-    With `exclude` [N], row n leaves token exclude_n out of its sum.
+    With `exclude` [N, 2], row n leaves tokens exclude_n0..exclude_n1 (inclusive) out of its sum.
     """
 
     @staticmethod
@@ -92,12 +92,13 @@ class _VocabLogSumExp(torch.autograd.Function):
 
 
 def _leave_out(z: Tensor, exclude: Tensor | None, start: int) -> Tensor:
-    """z [N, C] (vocabulary columns start..start+C) with column exclude_n of row n at -inf."""
+    """z [N, C] (vocabulary columns start..start+C) with columns exclude_n0..exclude_n1 of row n
+    at -inf."""
     if exclude is None:
         return z
-    cols = exclude - start  # [N]
-    rows = ((cols >= 0) & (cols < z.shape[1])).nonzero(as_tuple=True)[0]
-    return z.index_put_((rows, cols[rows]), torch.tensor(-torch.inf, dtype=z.dtype))
+    cols = torch.arange(start, start + z.shape[1], device=z.device)  # [C]
+    out = (cols >= exclude[:, :1]) & (cols <= exclude[:, 1:])  # [N, C]
+    return z.masked_fill_(out, -torch.inf)
 
 
 def vocab_logsumexp(
@@ -108,9 +109,12 @@ def vocab_logsumexp(
 
     Peak extra memory is one [N, chunk_size] block, in forward and backward; gradients flow to
     both h and W. Used for the coord gate, the text gate and token CE (CE = lse - label logit);
-    with exclude [N] (a token id per row, left out of that row's sum) for the unlikelihood
-    term, whose log(1 - p) = lse without the token - lse stays exact when p is near 1.
+    with exclude [N] (a token id per row, left out of that row's sum) or [N, 2] (an inclusive
+    range of ids per row) for the unlikelihood term, whose log(1 - p) = lse without the tokens -
+    lse stays exact when p is near 1.
     """
+    if exclude is not None and exclude.dim() == 1:
+        exclude = torch.stack([exclude, exclude], dim=-1)  # [N, 2]
     return _VocabLogSumExp.apply(h, weight, temperature, chunk_size, exclude)
 
 
@@ -156,7 +160,8 @@ class HiddenHead:
     def label_logits(self, at: Rows, labels: Tensor) -> Tensor:  # [M]
         return label_logits(self.rows(at), self.weight, labels)
 
-    def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:  # [M], tokens [M] left out
+    def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:
+        """[M]: the lse with tokens [M] (or inclusive id ranges [M, 2]) left out."""
         return vocab_logsumexp(self.rows(at), self.weight, exclude=tokens)
 
 
@@ -182,7 +187,11 @@ class LogitsHead:
         return self.rows(at).gather(-1, labels[:, None])[:, 0]
 
     def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:
-        return self.rows(at).scatter(-1, tokens[:, None], -torch.inf).logsumexp(-1)
+        rows = self.rows(at)
+        span = tokens[:, None].expand(-1, 2) if tokens.dim() == 1 else tokens  # [M, 2]
+        ids = torch.arange(rows.shape[-1], device=rows.device)
+        return rows.masked_fill((ids >= span[:, :1]) & (ids <= span[:, 1:]), -torch.inf) \
+            .logsumexp(-1)
 
 
 Head = HiddenHead | LogitsHead

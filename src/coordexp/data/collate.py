@@ -62,7 +62,7 @@ class Collator:
         self.tokenizer = processor.tokenizer
         self.codec = codec or CoordCodec()
         self.field_order = field_order
-        coord_ids = self.codec.token_ids(self.tokenizer)
+        self.coord_ids = coord_ids = self.codec.token_ids(self.tokenizer)  # by bin
         self.id_to_bin = torch.full((max(len(self.tokenizer), max(coord_ids) + 1),), -1)
         self.id_to_bin[torch.tensor(coord_ids)] = torch.arange(len(coord_ids))
         self.end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -49,10 +49,12 @@ SEPARATOR_CHARS = ", \t\n\r"  # what may stand between two objects of the array
 @dataclass(frozen=True)
 class Unlikely:
     """An unlikelihood event: at answer token `position` (its context is the clean answer before
-    it) the duplicate would have said `token` where the clean answer says another."""
+    it) the duplicate would have said `token` where the clean answer says another. `span`: the
+    inclusive token-id range penalised together (`duplicate_ul_span: box`); None: the token."""
 
     position: int
     token: int
+    span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -182,9 +184,17 @@ def build_target(rollout: Rollout, record: Record, collator: Collator,
     ids = [tid for tid, _, _ in prefix] + tail_ids
     ends = [e for _, _, e in prefix] + [len(text) + e for e in
                                         _token_ends(collator.tokenizer, fragment)]
-    unlikely = [_divergence(rollout.text[r0:], text + fragment, _to_clean(r0, removed), ids,
-                            ends, collator.tokenizer) for r0, _ in removed]
-    unlikely = list(dict.fromkeys(u for u in unlikely if u is not None))  # one per event
+    unlikely: list[Unlikely] = []
+    for (r0, _), d in zip(removed, sorted(dups), strict=True):
+        found = _divergence(rollout.text[r0:], text + fragment, _to_clean(r0, removed), ids,
+                            ends, collator.tokenizer)
+        if found is None:
+            continue
+        event, at = found
+        if s.duplicate_ul_span == "box":
+            event = _box_span(event, r0 + at, parse, d, dups[d], ids, collator, s.duplicate_iou)
+        if event not in unlikely:  # several duplicates departing alike give one event
+            unlikely.append(event)
     counts = {"samples": 1, "gt": len(gt), "pred": len(parse.objects),
               "matched": len(match.pairs), "fn_appended": len(missed),
               "gating_rejections": match.gating_rejections,
@@ -241,11 +251,11 @@ def _token_ends(tokenizer, fragment: str) -> list[int]:
 
 
 def _divergence(generated: str, answer: str, junction: int, ids: list[int], ends: list[int],
-                tokenizer) -> Unlikely | None:
+                tokenizer) -> tuple[Unlikely, int] | None:
     """Where the generated text from a removed duplicate's start departs from the clean answer
     from the same point: the answer token holding the first differing character, and the first
-    token of the generated text read from that token's start. None if the duplicate's text is
-    all a prefix of the clean answer."""
+    token of the generated text read from that token's start (with that token's character
+    offset in `generated`). None if the duplicate's text is all a prefix of the clean answer."""
     clean = answer[junction:]
     k = next((i for i, (a, b) in enumerate(zip(generated, clean, strict=False)) if a != b),
              min(len(generated), len(clean)))
@@ -255,7 +265,30 @@ def _divergence(generated: str, answer: str, junction: int, ids: list[int], ends
     start = ends[position - 1] if position else 0
     rest = answer[start:junction] + generated[max(0, start - junction):]
     token = tokenizer(rest, add_special_tokens=False)["input_ids"][0]
-    return Unlikely(position, token) if token != ids[position] else None
+    return (Unlikely(position, token), start - junction) if token != ids[position] else None
+
+
+def _box_span(event: Unlikely, at: int, parse: ParseResult, dup: int, original: int,
+              ids: list[int], collator: Collator, iou: float) -> Unlikely:
+    """Widen a coord event to the bins that keep the duplicate a near-duplicate along that
+    coordinate: within (1 - iou) x the original box's side (in bins) of the duplicate's bin,
+    less the clean answer's own bin and what lies beyond it. A token that is not one of the
+    duplicate's coords (rollout character offset `at`) stays a single-token event."""
+    slots = [c[0] for c in parse.spans[dup].coords]
+    bin_of = collator.id_to_bin
+    if at not in slots or bin_of[event.token] < 0:
+        return event
+    slot, b = slots.index(at), int(bin_of[event.token])
+    box = parse.objects[original]["bbox_2d"]
+    radius = int(round((1 - iou) * abs(box[2 + slot % 2] - box[slot % 2]), 6))  # 9.999.. = 10
+    lo, hi = max(0, b - radius), min(len(collator.coord_ids) - 1, b + radius)
+    clean = int(bin_of[ids[event.position]])
+    if clean >= 0 and lo <= clean <= hi:  # never penalise the clean answer's bin
+        lo, hi = (clean + 1, hi) if clean < b else (lo, clean - 1)
+    first, last = collator.coord_ids[lo], collator.coord_ids[hi]
+    if last - first != hi - lo:  # coord ids not contiguous: the one token
+        return event
+    return dataclasses.replace(event, span=(first, last))
 
 
 def _prefix_supervision(text: str, prefix, spans: list[ObjectSpans], pairs, gt
@@ -313,12 +346,13 @@ def encode_targets(collator: Collator, records: list[Record],
 
 
 def unlikely_rows(batch: Batch, targets: list[SampleTarget]) -> tuple[Rows, torch.Tensor]:
-    """The unlikelihood events of a batch: their rows (answer positions) and tokens [U]."""
+    """The unlikelihood events of a batch: their rows (answer positions) and penalised token-id
+    ranges [U, 2] (first, last; a single token is first == last)."""
     prompt_lens = batch.prompt_lens.tolist()
-    events = torch.tensor([(b, prompt_lens[b] + u.position, u.token)
+    events = torch.tensor([(b, prompt_lens[b] + u.position, *(u.span or (u.token, u.token)))
                            for b, t in enumerate(targets) for u in t.unlikely],
-                          dtype=torch.long, device=batch.token_type.device).reshape(-1, 3)
-    return Rows(events[:, 0], events[:, 1]), events[:, 2]
+                          dtype=torch.long, device=batch.token_type.device).reshape(-1, 4)
+    return Rows(events[:, 0], events[:, 1]), events[:, 2:]
 
 
 def packed_rows(layout, at: Rows) -> Rows:

@@ -95,9 +95,10 @@ def text_ce(head: Head, batch: Batch, at: Rows, lse: Tensor) -> Tensor:
 
 
 def unlikelihood(head: Head, at: Rows, tokens: Tensor, lse: Tensor) -> Tensor:
-    """Mean -log(1 - p(token)) at rows [U] (0 without rows); lse: their full-vocabulary lse.
+    """Mean -log(1 - p) at rows [U] (0 without rows), p the probability of the row's token
+    (tokens [U]) or of its inclusive id range (tokens [U, 2]); lse: their full-vocabulary lse.
     1 - p is the probability of every other token, so -log(1 - p) = lse - lse without the
-    token: exact even where p rounds to 1 in float32."""
+    tokens: exact even where p rounds to 1 in float32."""
     if len(at) == 0:
         return lse.new_zeros(())
     return (lse - head.vocab_lse_without(at, tokens)).mean()
