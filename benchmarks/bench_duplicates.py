@@ -10,8 +10,8 @@ Protocol (CPU, about 50 minutes with the defaults; not part of CI):
    (`dup_share`; --stage1-pick last takes the last one). It should be >= 5 % for the
    comparison to mean anything;
 3. from that checkpoint, Stage 2 AB (the demo's recipe) for the same training minutes in two
-   arms, `stage2_ab.duplicate_ul_weight` 0 and --weight (with `duplicate_ul_span` --span),
-   for each of --seeds seeds;
+   arms, `stage2_ab.duplicate_ul_weight` 0 and --weight (with `duplicate_ul_span` --span and
+   `duplicate_of` --of), for each of --seeds seeds;
 4. print per arm the mean and spread (sample standard deviation) over seeds of the
    near-duplicate share, recall, AP50 and F1, raw and guarded (duplicate clusters suppressed).
 Target: dup_share < 0.5 % in the weighted arm with recall at most 0.01 below the weight-0 arm.
@@ -22,7 +22,7 @@ writes coord runs without separators, so nothing parses and no duplicate can be 
 (benchmarks/README.md). --free-decoding turns the grammar off.
 
     python benchmarks/bench_duplicates.py [--out DIR] [--seeds 3] [--stage1-minutes 6]
-        [--stage2-minutes 4] [--weight 1.0] [--span token|box]
+        [--stage2-minutes 4] [--weight 1.0] [--span token|box] [--of matched|any]
 A shortened run (one seed, short budgets) checks that the protocol runs end to end:
     python benchmarks/bench_duplicates.py --seeds 1 --stage1-minutes 2 --stage2-minutes 1
 """
@@ -85,11 +85,12 @@ def stage1(data: Path, out: Path, args) -> Path:
 
 
 def stage2(data: Path, out: Path, ckpt: Path, weight: float, seed: int, args) -> Path:
-    name = f"w{weight:g}{'_' + args.span if weight else ''}_seed{seed}"
+    name = f"w{weight:g}{f'_{args.span}_{args.of}' if weight else ''}_seed{seed}"
     cfg = load_config(RECIPE / "stage2_ab.yaml", common(data, out, args) + [
         f"model.path={json.dumps(str(ckpt))}", f"training.max_minutes={args.stage2_minutes}",
         f"training.seed={seed}", f"training.run_name={name}",
-        f"stage2_ab.duplicate_ul_weight={weight}", f"stage2_ab.duplicate_ul_span={args.span}"])
+        f"stage2_ab.duplicate_ul_weight={weight}", f"stage2_ab.duplicate_ul_span={args.span}",
+        f"stage2_ab.duplicate_of={args.of}"])
     return train(cfg)
 
 
@@ -111,6 +112,8 @@ def main() -> None:
     p.add_argument("--span", choices=("token", "box"), default="token",
                    help="duplicate_ul_span of the arm: the one diverging token, or every coord "
                         "bin that keeps the box a near-duplicate")
+    p.add_argument("--of", choices=("matched", "any"), default="matched",
+                   help="duplicate_of of the arm: repeats of matched predictions only, or of any")
     p.add_argument("--train", type=int, default=12000, help="training images")
     p.add_argument("--val", type=int, default=128, help="evaluation images")
     p.add_argument("--max-new-tokens", type=int, default=192)

@@ -72,8 +72,9 @@ def rollout_of(text: str, tokenizer) -> Rollout:
     return Rollout("".join(pieces), ids, [0.0] * len(ids), pieces, False)
 
 
-def config(weight: float, span: str = "token") -> Config:
-    return Config(stage2_ab=Stage2ABConfig(duplicate_ul_weight=weight, duplicate_ul_span=span),
+def config(weight: float, span: str = "token", of: str = "matched") -> Config:
+    return Config(stage2_ab=Stage2ABConfig(duplicate_ul_weight=weight, duplicate_ul_span=span,
+                                           duplicate_of=of),
                   rollout=RolloutConfig(max_new_tokens=8, batch_size=2))
 
 
@@ -173,6 +174,27 @@ def test_far_copies_stay_false_positives(record, collator):
     assert target.counts["duplicates_removed"] == 0
 
 
+E = obj("red circle", [700, 700, 800, 800])  # no object there: a false positive
+E_DUP = obj("red circle", [701, 700, 800, 801])  # IoU 0.98 with E
+
+
+@pytest.mark.parametrize("of", ["matched", "any"])
+def test_repeats_of_a_false_positive_leave_only_with_duplicate_of_any(of, record, collator):
+    tok = collator.tokenizer
+    text = f'{{"objects": [{A}, {E}, {E_DUP}, {C}, {B}]}}'
+    target = build_target(rollout_of(text, tok), record, collator, config(1.0, of=of))
+    if of == "matched":  # E is matched to nothing, so its repeat is an ordinary FP
+        assert target.text == text and target.unlikely == []
+        return
+    plain = build_target(rollout_of(f'{{"objects": [{A}, {E}, {C}, {B}]}}', tok), record,
+                         collator, config(1.0, of=of))
+    assert (target.text, target.ids, target.types, target.target_bins) == \
+        (plain.text, plain.ids, plain.types, plain.target_bins)
+    assert target.counts["duplicates_removed"] == 1
+    assert [(tok.decode([target.ids[u.position]]), tok.decode([u.token]))
+            for u in target.unlikely] == [(HEAD_C, HEAD_A)]
+
+
 def test_weight_zero_keeps_the_prefix_as_generated(record, collator):
     text = f'{{"objects": [{A}, {A_DUP}, {C}, {B}]}}'
     rollout = rollout_of(text, collator.tokenizer)
@@ -222,10 +244,11 @@ def test_box_span_leaves_a_header_divergence_one_token(record, collator):
     assert event.span is None and collator.tokenizer.decode([event.token]) == HEAD_A
 
 
-def test_unknown_duplicate_ul_span_is_refused():
-    with pytest.raises(UserError, match="duplicate_ul_span"):
+@pytest.mark.parametrize("key", ["duplicate_ul_span", "duplicate_of"])
+def test_unknown_duplicate_choices_are_refused(key):
+    with pytest.raises(UserError, match=key):
         load_config(None, ["model.init_tiny=qwen3_vl", "data.train=train.jsonl",
-                           "stage2_ab.duplicate_ul_span=bins"])
+                           f"stage2_ab.{key}=bins"])
 
 
 # -- the unlikelihood term -------------------------------------------------------------------

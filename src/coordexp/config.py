@@ -135,6 +135,7 @@ class Stage2ABConfig:
     duplicate_iou: float = 0.9
     duplicate_ul_weight: float = 0.0
     duplicate_ul_span: str = "token"
+    duplicate_of: str = "matched"  # "any": a repeat of an unmatched prediction counts too
     channel_b: ChannelBConfig = field(default_factory=ChannelBConfig)
 
 
@@ -407,6 +408,9 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     if not 0.0 < s.duplicate_iou <= 1.0 or s.duplicate_ul_weight < 0:
         raise UserError("'stage2_ab.duplicate_iou' must be in (0, 1] and "
                         "'stage2_ab.duplicate_ul_weight' >= 0")
+    if s.duplicate_of not in ("matched", "any"):
+        raise UserError(f"'stage2_ab.duplicate_of' must be 'matched' or 'any', got "
+                        f"{s.duplicate_of!r}")
     if s.duplicate_ul_span not in ("token", "box"):
         raise UserError(f"'stage2_ab.duplicate_ul_span' must be 'token' or 'box', got "
                         f"{s.duplicate_ul_span!r}")

@@ -12,11 +12,11 @@ If the sample had dropped-invalid objects, the appended struct tokens are weight
 `channel_b.drop_invalid_struct_ce_multiplier` (applied here, once).
 
 Clean prefix (`stage2_ab.duplicate_ul_weight` > 0; reference section 5.3, Appendix A): an
-unmatched prediction with the desc of an earlier matched prediction and IoU >=
-`stage2_ab.duplicate_iou` with it is a duplicate. It leaves the prefix with the separator before
-it, so the positive prefix holds each object once, and the first token at which the duplicate's
-text diverges from the clean answer gets an unlikelihood term (`Unlikely`). At weight 0 the
-prefix is kept as generated.
+unmatched prediction with the desc of an earlier matched prediction (of any earlier one with
+`stage2_ab.duplicate_of: any`) and IoU >= `stage2_ab.duplicate_iou` with it is a duplicate. It
+leaves the prefix with the separator before it, so the positive prefix holds each object once,
+and the first token at which the duplicate's text diverges from the clean answer gets an
+unlikelihood term (`Unlikely`). At weight 0 the prefix is kept as generated.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def build_target(rollout: Rollout, record: Record, collator: Collator,
     pred_bins = np.array([o["bbox_2d"] for o in parse.objects], dtype=float).reshape(-1, 4)
     gt_bins = np.array([b for _, b in gt], dtype=float).reshape(-1, 4)
     match = match_boxes(pred_bins, gt_bins, **dataclasses.asdict(cfg.match))
-    dups = duplicates_of_matched(parse, match.pairs, s.duplicate_iou) \
+    dups = duplicates_of(parse, match.pairs, s.duplicate_iou, s.duplicate_of) \
         if s.duplicate_ul_weight > 0 else {}
     removed = [_duplicate_range(rollout.text, parse.spans[d].object) for d in sorted(dups)]
     text, prefix = prefix_tokens(rollout, parse, collator.tokenizer, removed)
@@ -211,18 +211,21 @@ def build_target(rollout: Rollout, record: Record, collator: Collator,
         counts, unlikely)
 
 
-def duplicates_of_matched(parse: ParseResult, pairs, iou_threshold: float) -> dict[int, int]:
-    """Unmatched prediction -> the earlier matched prediction it duplicates: the same desc and
-    box IoU >= iou_threshold (the most overlapping one if several)."""
-    matched = sorted(p for p, _ in pairs)
-    if not matched:
+def duplicates_of(parse: ParseResult, pairs, iou_threshold: float,
+                  of: str = "matched") -> dict[int, int]:
+    """Unmatched prediction -> the earlier prediction it repeats: the same desc and box IoU >=
+    iou_threshold (the most overlapping one if several). `of` "matched": only a matched
+    prediction has duplicates; "any": any earlier prediction that is not itself a duplicate."""
+    matched = {p for p, _ in pairs}
+    originals = sorted(matched) if of == "matched" else range(len(parse.objects))
+    if not originals:
         return {}
     boxes = torch.tensor([o["bbox_2d"] for o in parse.objects], dtype=torch.float64)  # [P, 4]
-    iou = box_iou(boxes, boxes[matched]).numpy()  # [P, M]
-    out = {}
+    iou = box_iou(boxes, boxes).numpy()  # [P, P]
+    out: dict[int, int] = {}
     for j, o in enumerate(parse.objects):
-        cands = [(iou[j, m], i) for m, i in enumerate(matched) if i < j
-                 and parse.objects[i]["desc"] == o["desc"] and iou[j, m] >= iou_threshold]
+        cands = [(iou[j, i], i) for i in originals if i < j and i not in out
+                 and parse.objects[i]["desc"] == o["desc"] and iou[j, i] >= iou_threshold]
         if cands and j not in matched:
             out[j] = max(cands)[1]
     return out
