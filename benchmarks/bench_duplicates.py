@@ -1,6 +1,6 @@
 """Duplicates on the books task: does the Channel-B duplicate unlikelihood remove them?
 
-Protocol (CPU, about 50 minutes with the defaults; not part of CI):
+Protocol (CPU, 32 minutes measured with the defaults; not part of CI):
 1. draw the books task (`coordexp data synth --preset books`: the crowded task's shelves with
    ragged tops, so the answer order jumps along a row; --preset picks another task);
 2. train Stage 1 (the demo's Stage-1 recipe without its box losses, as the README's crowded
@@ -152,7 +152,8 @@ def main() -> None:
         cells = [spread([r[key] for r in rows]) for rows in results.values()]
         print(f"{key:38s} " + "   ".join(f"w={w:g}: {c}" for w, c in zip(results, cells,
                                                                           strict=True)))
-    summary = {"stage1": {k: base[k] for k in KEYS} | {"step": base["step"]},
+    summary = {"stage1": {k: base[k] for k in KEYS} | {"step": base["step"],
+                                                        "checkpoint": str(ckpt)},
                "arms": {str(w): rows for w, rows in results.items()}, "args": vars(args),
                "minutes": (time.perf_counter() - started) / 60}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
