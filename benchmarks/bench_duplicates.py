@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from coordexp.artifacts import checkpoint_dir
 from coordexp.config import load_config
 from coordexp.data.synthetic import PRESETS, synthesize
 from coordexp.demo import RECIPE, train_stage1
@@ -55,10 +56,9 @@ def evals(run_dir: Path) -> list[dict]:
 def pick(run_dir: Path, rule: str) -> tuple[Path, dict]:
     """The Stage-1 checkpoint to start from and its eval row: the last one, or the one whose
     eval had the highest near-duplicate share (the later one on a tie)."""
-    rows = [r for r in evals(run_dir)
-            if (run_dir / "checkpoints" / f"step_{r['step']:06d}").is_dir()]
+    rows = [r for r in evals(run_dir) if checkpoint_dir(run_dir, r["step"]).is_dir()]
     row = rows[-1] if rule == "last" else max(reversed(rows), key=lambda r: r["rollout/dup_share"])
-    return run_dir / "checkpoints" / f"step_{row['step']:06d}", row
+    return checkpoint_dir(run_dir, row["step"]), row
 
 
 def common(data: Path, out: Path, args) -> list[str]:

@@ -91,6 +91,11 @@ class _VocabLogSumExp(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def _as_ranges(tokens: Tensor) -> Tensor:
+    """Token ids [N] or inclusive id ranges [N, 2] -> ranges [N, 2]."""
+    return tokens[:, None].expand(-1, 2) if tokens.dim() == 1 else tokens
+
+
 def _leave_out(z: Tensor, exclude: Tensor | None, start: int) -> Tensor:
     """z [N, C] (vocabulary columns start..start+C) with columns exclude_n0..exclude_n1 of row n
     at -inf."""
@@ -113,8 +118,7 @@ def vocab_logsumexp(
     range of ids per row) for the unlikelihood term, whose log(1 - p) = lse without the tokens -
     lse stays exact when p is near 1.
     """
-    if exclude is not None and exclude.dim() == 1:
-        exclude = torch.stack([exclude, exclude], dim=-1)  # [N, 2]
+    exclude = None if exclude is None else _as_ranges(exclude)
     return _VocabLogSumExp.apply(h, weight, temperature, chunk_size, exclude)
 
 
@@ -187,11 +191,7 @@ class LogitsHead:
         return self.rows(at).gather(-1, labels[:, None])[:, 0]
 
     def vocab_lse_without(self, at: Rows, tokens: Tensor) -> Tensor:
-        rows = self.rows(at)
-        span = tokens[:, None].expand(-1, 2) if tokens.dim() == 1 else tokens  # [M, 2]
-        ids = torch.arange(rows.shape[-1], device=rows.device)
-        return rows.masked_fill((ids >= span[:, :1]) & (ids <= span[:, 1:]), -torch.inf) \
-            .logsumexp(-1)
+        return _leave_out(self.rows(at).clone(), _as_ranges(tokens), 0).logsumexp(-1)
 
 
 Head = HiddenHead | LogitsHead
